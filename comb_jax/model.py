@@ -1,0 +1,279 @@
+"""Comb model as pure functions over the parameter tree of `layout.py`.
+
+Shapes use: B batch, T query tokens, S key tokens, L chunk tokens, C context (PICache) tokens,
+E cross layers, N decoder layers, H heads, K KV heads, D head_dim, M KV-cache slots.
+
+- `encode`: chunk tokens -> PICache (the trainable encoder; bidirectional, RoPE inside the chunk only).
+- `forward`: the decoder (frozen backbone) with gated cross blocks reading a PICache; optional KV cache,
+  so the same function serves training (no cache), prefill (empty cache) and decode steps (T = 1).
+- `lm_logits`: hidden states -> logits.
+
+The decoder runs as E groups of [stride - 1 decoder layers, cross block k, 1 decoder layer], so cross
+block k sits before layer c_k = (k + 1) * stride - 1, and the whole stack is two nested scans.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from comb_jax.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+class PICache(NamedTuple):
+    """Position-independent cache of one or more chunks per request.
+
+    k, v: [E, B, C, K, D] (keys are stored before the cross block's k_norm); mask: [B, C] valid tokens.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+
+
+class KVCache(NamedTuple):
+    """The decoder's own cache. k, v: [N, B, M, K, D] (post-RoPE keys); lengths: [B] tokens written."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last axis, in float32 like Hugging Face's LlamaRMSNorm."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """[D/2] inverse frequencies, with Llama-3 scaling when configured (computed in float32 like HF)."""
+    d = cfg.head_dim
+    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv.astype(np.float32)
+    low_wavelen = sc.original_max_position / sc.low_freq_factor
+    high_wavelen = sc.original_max_position / sc.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """positions [B, T] -> (cos, sin) [B, T, D] in the half-split layout of HF's rotate_half."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, D]; cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None] + rotated.astype(jnp.float32) * sin[:, :, None]
+    return out.astype(x.dtype)
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q [B, T, H, D]; k, v [B, S, K, D]; mask [B, T, S] -> [B, T, H, D].
+
+    Query head h reads KV head h // (H / K). Rows with no visible key give zeros (not NaN).
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask.any(-1)[:, None, None, :, None], probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def mlp(x, p):
+    """SwiGLU. x [B, T, embed]."""
+    gate = jnp.einsum("bte,ef->btf", x, p["w_gate"])
+    up = jnp.einsum("bte,ef->btf", x, p["w_up"])
+    return jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, p["w_down"])
+
+
+def qkv(x, p, cos, sin):
+    q = apply_rope(jnp.einsum("bte,ehd->bthd", x, p["wq"]), cos, sin)
+    k = apply_rope(jnp.einsum("bte,ekd->btkd", x, p["wk"]), cos, sin)
+    v = jnp.einsum("bte,ekd->btkd", x, p["wv"])
+    return q, k, v
+
+
+def block(x, p, cfg: ModelConfig, cos, sin, mask, kv=None):
+    """One Llama block (decoder layer or encoder block). x [B, T, embed].
+
+    Without `kv`, attention is over the T tokens themselves under `mask` [B, T, T].
+    With `kv` = (cache_k, cache_v, slots [B, T]): the new keys/values are written into the layer's cache
+    [B, M, K, D] at `slots` and attention reads the whole cache under `mask` [B, T, M].
+    Returns (x, (cache_k, cache_v) or None).
+    """
+    h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
+    q, k, v = qkv(h, p, cos, sin)
+    if kv is not None:
+        cache_k, cache_v, slots = kv
+        rows = jnp.arange(x.shape[0])[:, None]
+        cache_k = cache_k.at[rows, slots].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[rows, slots].set(v.astype(cache_v.dtype), mode="drop")
+        k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+        kv = (cache_k, cache_v)
+    attn = attention(q, k, v, mask)
+    x = x + jnp.einsum("bthd,hde->bte", attn, p["wo"])
+    x = x + mlp(rms_norm(x, p["mlp_norm"], cfg.rms_eps), p)
+    return x, kv
+
+
+def cross_block(x, p, cfg: ModelConfig, ctx_k, ctx_v, ctx_mask):
+    """Gated cross-attention, no positions, no causal mask. x [B, T, embed]; ctx_k/v [B, C, K, D]; mask [B, C].
+
+    Rows whose request has no context are passed through unchanged (the block is skipped for them).
+    """
+    h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
+    q = rms_norm(jnp.einsum("bte,ehd->bthd", h, p["wq"]), p["q_norm"], cfg.rms_eps)
+    k = rms_norm(ctx_k, p["k_norm"], cfg.rms_eps).astype(x.dtype)
+    mask = jnp.broadcast_to(ctx_mask[:, None, :], (x.shape[0], x.shape[1], ctx_mask.shape[-1]))
+    attn = attention(q, k, ctx_v.astype(x.dtype), mask)
+    has_ctx = ctx_mask.any(-1)[:, None, None]
+    gate_attn = jnp.tanh(p["gate_attn"]).astype(x.dtype)
+    x = x + jnp.where(has_ctx, gate_attn * jnp.einsum("bthd,hde->bte", attn, p["wo"]), 0)
+    gate_mlp = jnp.tanh(p["gate_mlp"]).astype(x.dtype)
+    x = x + jnp.where(has_ctx, gate_mlp * mlp(rms_norm(x, p["mlp_norm"], cfg.rms_eps), p), 0)
+    return x
+
+
+def cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder
+
+
+def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32) -> PICache:
+    """Encode chunks independently. tokens, mask: [B, L] (one chunk per row) -> PICache [E, B, L, K, D].
+
+    The embedding is the backbone's (frozen); attention is bidirectional under the key-padding mask.
+    """
+    embed = params["backbone"]["embed"]
+    enc = cast(params["comb"]["encoder"], dtype)
+    x = embed[tokens].astype(dtype)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    cos, sin = rope_tables(cfg, positions)
+    attn_mask = jnp.broadcast_to(mask[:, None, :], (tokens.shape[0], tokens.shape[1], tokens.shape[1]))
+
+    def body(x, p):
+        layer, k_proj, v_proj = p
+        x, _ = block(x, layer, cfg, cos, sin, attn_mask)
+        k = jnp.einsum("ble,ekd->blkd", x, k_proj)
+        v = jnp.einsum("ble,ekd->blkd", x, v_proj)
+        return x, (k, v)
+
+    _, (k, v) = jax.lax.scan(body, x, (enc["layers"], enc["k_proj"], enc["v_proj"]))
+    return PICache(k, v, mask.astype(bool))
+
+
+def concat_picaches(caches: list[PICache]) -> PICache:
+    """Concatenate PICaches along the context axis (several chunks of the same requests)."""
+    return PICache(
+        jnp.concatenate([c.k for c in caches], axis=2),
+        jnp.concatenate([c.v for c in caches], axis=2),
+        jnp.concatenate([c.mask for c in caches], axis=1),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder
+
+
+def forward(params, tokens, cfg: ModelConfig, picache: PICache | None = None, kv_cache: KVCache | None = None,
+            lengths=None, dtype=jnp.float32, remat: bool = False):
+    """Decoder forward. tokens [B, T] -> (hidden [B, T, embed] after the final norm, updated KVCache or None).
+
+    Without `kv_cache`: positions 0..T-1 and causal attention over the tokens (training, reference).
+    With `kv_cache`: row b's tokens take positions lengths_b .. lengths_b + T - 1 of its cache; `lengths` [B]
+    (default T) says how many of the T tokens are real, and the cache's lengths advance by it. Right padding
+    is harmless: a padded slot is past every real query and is overwritten by the next real token.
+    `picache=None` (or a row whose mask is all false) skips the cross blocks: the plain backbone.
+    """
+    bb = cast({k: v for k, v in params["backbone"].items() if k != "embed"}, dtype)
+    x = params["backbone"]["embed"][tokens].astype(dtype)
+    b, t = tokens.shape
+    offsets = jnp.zeros((b,), jnp.int32) if kv_cache is None else kv_cache.lengths
+    positions = offsets[:, None] + jnp.arange(t)[None, :]
+    cos, sin = rope_tables(cfg, positions)
+    if kv_cache is None:
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    else:
+        mask = jnp.arange(kv_cache.k.shape[2])[None, None, :] <= positions[:, :, None]
+
+    def layer_step(carry, layer_and_index):
+        x, cache = carry
+        layer, i = layer_and_index
+        kv = None if cache is None else (cache[0][i], cache[1][i], positions)
+        x, kv = block(x, layer, cfg, cos, sin, mask, kv)
+        if cache is not None:
+            cache = (cache[0].at[i].set(kv[0]), cache[1].at[i].set(kv[1]))
+        return (x, cache), None
+
+    if remat:
+        layer_step = jax.checkpoint(layer_step)
+    layers = bb["layers"]
+    index = jnp.arange(cfg.num_layers)
+    cache = None if kv_cache is None else (kv_cache.k, kv_cache.v)
+
+    if picache is None:
+        (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (layers, index))
+    else:
+        e, s = cfg.num_cross_layers, cfg.cross_stride
+        grouped = jax.tree.map(lambda a: a.reshape(e, s, *a.shape[1:]), (layers, index))
+        cross = cast(params["comb"]["cross"], dtype)
+
+        def group_step(carry, xs):
+            group, cross_p, ctx_k, ctx_v = xs
+            head = jax.tree.map(lambda a: a[: s - 1], group)
+            tail = jax.tree.map(lambda a: a[s - 1], group)
+            carry, _ = jax.lax.scan(layer_step, carry, head)
+            x, cache = carry
+            x = cross_block(x, cross_p, cfg, ctx_k, ctx_v, picache.mask)
+            carry, _ = layer_step((x, cache), tail)
+            return carry, None
+
+        (x, cache), _ = jax.lax.scan(group_step, (x, cache), (grouped, cross, picache.k, picache.v))
+
+    x = rms_norm(x, bb["final_norm"], cfg.rms_eps).astype(dtype)
+    new_cache = None
+    if kv_cache is not None:
+        advance = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+        new_cache = KVCache(cache[0], cache[1], kv_cache.lengths + advance)
+    return x, new_cache
+
+
+def lm_logits(params, hidden):
+    """hidden [B, T, embed] -> float32 logits [B, T, vocab] (tied or untied head)."""
+    bb = params["backbone"]
+    if "lm_head" in bb:
+        return jnp.einsum("bte,ev->btv", hidden, bb["lm_head"].astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("bte,ve->btv", hidden, bb["embed"].astype(hidden.dtype), preferred_element_type=jnp.float32)

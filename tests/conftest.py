@@ -1,0 +1,76 @@
+"""Shared fixtures. Eight simulated CPU devices so sharding tests can build real meshes."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from comb_jax.config import load_config  # noqa: E402
+from comb_jax.layout import init_params, model_layout  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return load_config("tiny_comb")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    """Tiny random model with nonzero gates, so the cross blocks really act."""
+    params = init_params(model_layout(tiny_cfg.model), jax.random.key(1))
+    cross = dict(params["comb"]["cross"])
+    cross["gate_attn"] = cross["gate_attn"] + 0.5
+    cross["gate_mlp"] = cross["gate_mlp"] + 0.3
+    params["comb"]["cross"] = cross
+    return params
+
+
+@pytest.fixture(scope="session")
+def smol_cfg():
+    return load_config("smollm2_comb")
+
+
+@pytest.fixture(scope="session")
+def smol_backbone(smol_cfg):
+    from comb_jax.weights import load_backbone
+
+    return jax.tree.map(np.asarray, load_backbone(smol_cfg))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_cfg):
+    from comb_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(smol_cfg)
+
+
+@pytest.fixture(scope="session")
+def smol_hf_model():
+    """transformers' own float32 reading of the same GGUF: the independent reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from comb_jax.weights import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real-text data not found at {SHARED_DATA} (expected ../shared/data beside the checkout)")
+    return SHARED_DATA
