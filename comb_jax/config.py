@@ -99,6 +99,11 @@ class TrainConfig:
     kl_weight: float = 0.0
     dataset: str = "squad"  # squad | xsum | jsonl:PATH
     num_distractors: int = 2
+    max_chunks: int = 8  # chunks per example (XSum documents are cut to this many)
+    train_examples: int = 0  # 0 = every training example; N > 0 = a seeded subset of N
+    targets: str = "auto"  # teacher (backbone's own greedy answers) | gold (dataset answers) | auto (gold if random)
+    teacher_max_tokens: int = 48
+    data_dir: str = ""  # empty: ../shared/data beside the checkout
     max_chunk_tokens: int = 256
     max_decoder_tokens: int = 512
     chunk_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -113,8 +118,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
+    """PICache pool, batching and bucket shapes of the serving engine (see comb_jax/engine.py)."""
+
     page_tokens: int = 64
     pool_tokens: int = 65536
+    pool_fraction: float = 0.0  # > 0: size the pool as this fraction of device memory instead of pool_tokens
+    encode_batch: int = 8  # chunks encoded per chunk-processor call
+    seed: int = 0  # PRNG seed for sampled (temperature > 0) requests
     max_chunk_tokens: int = 2048
     max_context_tokens: int = 8192
     max_batch: int = 8

@@ -65,6 +65,8 @@ def partition_spec(shape, axes, mesh: Mesh, rules=RULES) -> PartitionSpec:
             continue
         used.update(names)
         spec.append(names[0] if len(names) == 1 else names)
+    while spec and spec[-1] is None:  # canonical form: no trailing replicated dims
+        spec.pop()
     return PartitionSpec(*spec)
 
 

@@ -1,0 +1,393 @@
+"""Training data: (chunks, question, answer) examples, self-distillation targets and a grain pipeline.
+
+- `squad_examples`, `xsum_examples`, `jsonl_examples` read real text (through `datasets`) into `Example`s.
+- `Codec` turns text into ids the same way everywhere: the Hugging Face chat template for real models, a
+  byte-level toy (vocab 256, id 0 ends an answer) for random-weight configs, so tests need no tokenizer.
+- `teacher_targets` asks the frozen backbone for its own greedy answer with the whole context inlined in the
+  prompt, once, and caches the answers on disk with their provenance.
+- `train_iterator` is the grain pipeline: seeded shuffle (reshuffled each epoch), tokenization, batching into
+  fixed shapes padded to length buckets; its iterator has `get_state`/`set_state` for checkpoints.
+
+Batch arrays (numpy): chunk_tokens/chunk_mask [batch, chunks, chunk_len]; tokens/targets/loss_mask
+[batch, decoder_len] where targets are the tokens shifted left by one and loss_mask is 1 on answer targets only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+NO_ANSWER = "No information is provided in the context."
+SUMMARY_INSTRUCTION = "Summarize the documents above in one sentence."
+# Bump when the prompt wording changes: it is part of the teacher cache's provenance.
+PROMPT_FORMAT = "v1: user turn = 'Context:\\n' + chunks joined by blank lines + '\\n\\nQuestion: ' + question"
+SQUAD_FILE = "squad_v2_dev_cs224n/dev-v2.0.json"
+XSUM_FILE = "xsum_test_1k/test.jsonl"
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training/eval request. `answer` is the training target text; `golds` are the references for F1."""
+
+    id: str
+    chunks: tuple[str, ...]
+    question: str
+    answer: str
+    golds: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _load_json_rows(path: Path, field: str | None = None):
+    import datasets
+
+    datasets.disable_progress_bars()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    return datasets.load_dataset("json", data_files=str(path), field=field, split="train")
+
+
+def squad_articles(data_dir: str | Path) -> list[dict]:
+    """[{title, paragraphs: [{context, qas}]}] from the SQuAD 2.0 JSON, in file order."""
+    rows = _load_json_rows(Path(data_dir) / SQUAD_FILE, field="data")
+    return [{"title": r["title"], "paragraphs": r["paragraphs"]} for r in rows]
+
+
+def squad_examples(data_dir: str | Path, split: str, num_distractors: int, seed: int,
+                   eval_articles: int = 4) -> list[Example]:
+    """SQuAD 2.0 examples, split by article (the last `eval_articles` articles are "eval").
+
+    Each example is the gold paragraph plus `num_distractors` paragraphs from other articles of the same
+    split, in a seeded random order, one chunk each. Unanswerable questions answer `NO_ANSWER`.
+    """
+    articles = squad_articles(data_dir)
+    if not 0 < eval_articles < len(articles):
+        raise DataError(f"eval_articles={eval_articles} must be in 1..{len(articles) - 1}")
+    chosen = {"train": articles[:-eval_articles], "eval": articles[-eval_articles:]}.get(split)
+    if chosen is None:
+        raise DataError(f"unknown split {split!r}; valid: train, eval")
+    if num_distractors and len(chosen) < 2:
+        raise DataError("distractors need at least two articles in the split")
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    examples = []
+    for a, article in enumerate(chosen):
+        others = [p["context"] for b, other in enumerate(chosen) if b != a for p in other["paragraphs"]]
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                golds = tuple(dict.fromkeys(x["text"] for x in qa["answers"])) if not qa["is_impossible"] else ()
+                picks = rng.choice(len(others), size=num_distractors, replace=False) if num_distractors else []
+                chunks = [paragraph["context"]] + [others[i] for i in picks]
+                order = rng.permutation(len(chunks))
+                examples.append(Example(
+                    id=f"squad:{qa['id']}", chunks=tuple(chunks[i] for i in order), question=qa["question"],
+                    answer=golds[0] if golds else NO_ANSWER, golds=golds or (NO_ANSWER,),
+                ))
+    return examples
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Split at line breaks into pieces of at most ~max_chars characters (a longer line stays whole)."""
+    pieces, current = [], ""
+    for line in (x.strip() for x in text.split("\n")):
+        if not line:
+            continue
+        if current and len(current) + 1 + len(line) > max_chars:
+            pieces.append(current)
+            current = line
+        else:
+            current = f"{current}\n{line}" if current else line
+    return pieces + [current] if current else pieces
+
+
+def xsum_examples(data_dir: str | Path, split: str, max_chunk_chars: int, eval_fraction: float = 0.1) -> list[Example]:
+    """XSum documents split into chunks, with a one-sentence summary instruction (last 10% is "eval")."""
+    rows = list(_load_json_rows(Path(data_dir) / XSUM_FILE))
+    cut = len(rows) - max(1, int(len(rows) * eval_fraction))
+    chosen = {"train": rows[:cut], "eval": rows[cut:]}.get(split)
+    if chosen is None:
+        raise DataError(f"unknown split {split!r}; valid: train, eval")
+    return [Example(id=f"xsum:{r['id']}", chunks=tuple(split_text(r["document"], max_chunk_chars)),
+                    question=SUMMARY_INSTRUCTION, answer=r["summary"], golds=(r["summary"],))
+            for r in chosen if r["document"].strip()]
+
+
+def jsonl_examples(path: str | Path) -> list[Example]:
+    """The user's own JSONL: one `{"chunks": [str, ...], "question": str, "answer": str}` per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL data file {path} does not exist")
+    examples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with chunks, question, answer")
+        missing = [k for k in ("chunks", "question", "answer") if k not in row]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {missing}")
+        chunks = row["chunks"]
+        if not isinstance(chunks, list) or not chunks or not all(isinstance(c, str) and c for c in chunks):
+            raise DataError(f"{where}: 'chunks' must be a non-empty list of non-empty strings")
+        if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
+            raise DataError(f"{where}: 'question' and 'answer' must be strings")
+        examples.append(Example(id=f"jsonl:{number}", chunks=tuple(chunks), question=row["question"],
+                                answer=row["answer"], golds=(row["answer"],)))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def load_examples(tc, data_dir: str | Path, split: str) -> list[Example]:
+    """Examples for TrainConfig `tc` (dataset squad | xsum | jsonl:PATH); `train_examples` > 0 subsamples train."""
+    if tc.dataset == "squad":
+        examples = squad_examples(data_dir, split, tc.num_distractors, tc.seed)
+    elif tc.dataset == "xsum":
+        examples = xsum_examples(data_dir, split, max_chunk_chars=tc.max_chunk_tokens * 4)
+    elif tc.dataset.startswith("jsonl:"):
+        examples = jsonl_examples(tc.dataset[len("jsonl:"):])  # the same file serves train and eval
+    else:
+        raise DataError(f"unknown dataset {tc.dataset!r}; valid: squad, xsum, jsonl:PATH")
+    limit = tc.train_examples if split == "train" else tc.eval_examples
+    if limit and limit < len(examples):
+        keep = np.sort(np.random.default_rng([tc.seed, 2]).permutation(len(examples))[:limit])
+        examples = [examples[i] for i in keep]
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text <-> ids
+
+
+class Codec:
+    """Prompt/answer tokenization. `tok=None` is the byte-level toy (vocab 256, id 0 ends a turn)."""
+
+    def __init__(self, tok=None):
+        self.tok = tok
+        if tok is None:
+            self.stop_ids: tuple[int, ...] = (0,)
+        else:
+            from comb_jax.tokenizer import stop_ids
+
+            self.stop_ids = stop_ids(tok)
+
+    @property
+    def name(self) -> str:
+        return "bytes" if self.tok is None else f"{type(self.tok).__name__}:{self.tok.name_or_path}:{len(self.tok)}"
+
+    def encode(self, text: str) -> list[int]:
+        if self.tok is None:
+            return list(text.encode("utf-8"))
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        for i, t in enumerate(ids):
+            if t in self.stop_ids:
+                ids = ids[:i]
+                break
+        if self.tok is None:
+            return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The student's prompt: the question alone (its context arrives as PICaches)."""
+        if self.tok is None:
+            return self.encode(f"Q: {question}\nA: ")
+        from comb_jax.tokenizer import chat_prompt_ids
+
+        return chat_prompt_ids(self.tok, question)
+
+    def teacher_prompt_ids(self, chunks, question: str) -> list[int]:
+        """The teacher's prompt: the whole context inlined before the question (see PROMPT_FORMAT)."""
+        return self.prompt_ids("Context:\n" + "\n\n".join(chunks) + "\n\nQuestion: " + question)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Answer text followed by the end-of-turn id the model should learn to emit."""
+        return self.encode(answer) + [self.stop_ids[-1] if self.tok is None else self._end_of_turn()]
+
+    def _end_of_turn(self) -> int:
+        for special in ("<|im_end|>", "<|eot_id|>"):
+            tid = self.tok.convert_tokens_to_ids(special)
+            if tid in self.stop_ids:
+                return tid
+        return self.stop_ids[0]
+
+
+def make_codec(cfg) -> Codec:
+    if cfg.weights.source == "random":
+        if cfg.model.vocab_size < 256:
+            raise DataError(f"the byte-level toy tokenizer needs vocab_size >= 256, config has {cfg.model.vocab_size}")
+        return Codec(None)
+    from comb_jax.tokenizer import load_tokenizer
+
+    return Codec(load_tokenizer(cfg))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-distillation targets
+
+
+def backbone_fingerprint(backbone) -> str:
+    """sha256 over every backbone array (names, shapes, bytes): identifies the weights the teacher used."""
+    from comb_jax.layout import flatten_names
+
+    h = hashlib.sha256()
+    for name, leaf in sorted(flatten_names(backbone).items()):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{name}:{arr.shape}:{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def teacher_provenance(cfg, codec: Codec, fingerprint: str, examples: list[Example]) -> dict:
+    ids = hashlib.sha256("\n".join(e.id + "\t" + "\x1f".join(e.chunks) + "\t" + e.question
+                                   for e in examples).encode()).hexdigest()
+    return {"model": dataclasses.asdict(cfg.model), "weights": fingerprint, "tokenizer": codec.name,
+            "prompt_format": PROMPT_FORMAT, "max_new_tokens": cfg.train.teacher_max_tokens,
+            "compute_dtype": cfg.compute_dtype, "examples": ids}
+
+
+def _bucket(n: int, buckets, what: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise DataError(f"{what} of {n} tokens exceeds the largest bucket {max(buckets)}")
+
+
+def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_path: str | Path,
+                    progress: bool = True) -> list[Example]:
+    """Examples whose `answer` is the backbone's greedy answer to the full-context prompt (cached on disk).
+
+    The cache file's first line holds the provenance; a file with other provenance is regenerated.
+    """
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from comb_jax.decode import generate
+
+    cache_path = Path(cache_path)
+    provenance = teacher_provenance(cfg, codec, backbone_fingerprint(params["backbone"]), examples)
+    if cache_path.is_file():
+        lines = cache_path.read_text().splitlines()
+        if lines and json.loads(lines[0]).get("provenance") == provenance:
+            answers = {row["id"]: row["answer"] for row in map(json.loads, lines[1:])}
+            if all(e.id in answers for e in examples):
+                return [dataclasses.replace(e, answer=answers[e.id]) for e in examples]
+    batch = cfg.train.batch_size
+    max_new = cfg.train.teacher_max_tokens
+    prompts = [codec.teacher_prompt_ids(e.chunks, e.question) for e in examples]
+    order = np.argsort([len(p) for p in prompts])  # similar lengths together: fewer padded tokens
+    answers: dict[str, str] = {}
+    dtype = jnp.dtype(cfg.compute_dtype)
+    for start in tqdm(range(0, len(order), batch), desc="teacher answers", disable=not progress):
+        rows = list(order[start:start + batch])
+        rows += rows[-1:] * (batch - len(rows))  # static batch: repeat the last row
+        width = -(-max(len(prompts[i]) for i in rows) // 64) * 64
+        tokens = np.zeros((batch, width), np.int32)
+        for r, i in enumerate(rows):
+            tokens[r, :len(prompts[i])] = prompts[i]
+        lengths = np.array([len(prompts[i]) for i in rows], np.int32)
+        out, _ = generate(params, jnp.asarray(tokens), jnp.asarray(lengths), None, cfg.model, max_new_tokens=max_new,
+                          stop_ids=codec.stop_ids, dtype=dtype)
+        out = np.asarray(jax.device_get(out))
+        for r, i in enumerate(rows):
+            answers[examples[i].id] = codec.decode(out[r]).strip()
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps({"provenance": provenance}) + "\n")
+        for e in examples:
+            f.write(json.dumps({"id": e.id, "answer": answers[e.id]}) + "\n")
+    tmp.replace(cache_path)
+    return [dataclasses.replace(e, answer=answers[e.id]) for e in examples]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization and batching
+
+
+def tokenize(example: Example, codec: Codec, tc) -> dict:
+    """Example -> {"chunks": [ids per chunk], "prompt": ids, "answer": ids} within the configured limits."""
+    if len(example.chunks) > tc.max_chunks:
+        raise DataError(f"example {example.id} has {len(example.chunks)} chunks, more than max_chunks={tc.max_chunks}")
+    chunks = [codec.encode(c)[: tc.max_chunk_tokens] for c in example.chunks]
+    prompt = codec.prompt_ids(example.question)
+    answer = codec.answer_ids(example.answer)
+    if len(prompt) >= tc.max_decoder_tokens:
+        raise DataError(f"example {example.id}: prompt of {len(prompt)} tokens leaves no room for an answer "
+                        f"within max_decoder_tokens={tc.max_decoder_tokens}")
+    # the decoder sees prompt + answer[:-1] and predicts answer; keep the total within max_decoder_tokens + 1
+    answer = answer[: tc.max_decoder_tokens + 1 - len(prompt)]
+    return {"chunks": chunks, "prompt": prompt, "answer": answer}
+
+
+def collate(features: list[dict], tc) -> dict[str, np.ndarray]:
+    """Pad a list of tokenized examples into fixed bucket shapes (see the module docstring)."""
+    b = len(features)
+    n = max(len(f["chunks"]) for f in features)
+    lc = _bucket(max(len(c) for f in features for c in f["chunks"]), tc.chunk_buckets, "chunk")
+    td = _bucket(max(len(f["prompt"]) + len(f["answer"]) - 1 for f in features), tc.decoder_buckets,
+                 "decoder sequence")
+    chunk_tokens = np.zeros((b, n, lc), np.int32)
+    chunk_mask = np.zeros((b, n, lc), bool)
+    tokens = np.zeros((b, td), np.int32)
+    targets = np.zeros((b, td), np.int32)
+    loss_mask = np.zeros((b, td), np.float32)
+    for i, f in enumerate(features):
+        for j, c in enumerate(f["chunks"]):
+            chunk_tokens[i, j, :len(c)] = c
+            chunk_mask[i, j, :len(c)] = True
+        seq = f["prompt"] + f["answer"]
+        tokens[i, :len(seq) - 1] = seq[:-1]
+        targets[i, :len(seq) - 1] = seq[1:]
+        loss_mask[i, len(f["prompt"]) - 1:len(seq) - 1] = 1.0  # positions whose target is an answer token
+    return {"chunk_tokens": chunk_tokens, "chunk_mask": chunk_mask, "tokens": tokens, "targets": targets,
+            "loss_mask": loss_mask}
+
+
+def train_dataset(examples: list[Example], codec: Codec, tc, seed: int):
+    """grain MapDataset of batches: shuffled by `seed` (a new order each epoch), repeated forever."""
+    import grain
+
+    if len(examples) < tc.batch_size:
+        raise DataError(f"{len(examples)} training examples cannot fill one batch of {tc.batch_size}")
+    return (grain.MapDataset.source(examples)
+            .shuffle(seed=seed)
+            .repeat(None)
+            .map(partial(tokenize, codec=codec, tc=tc))
+            .batch(tc.batch_size, drop_remainder=True, batch_fn=partial(collate, tc=tc)))
+
+
+def train_iterator(examples: list[Example], codec: Codec, tc, seed: int | None = None):
+    """A checkpointable iterator of batches (`get_state()` / `set_state(state)`)."""
+    return iter(train_dataset(examples, codec, tc, tc.seed if seed is None else seed).to_iter_dataset())
+
+
+def eval_batches(examples: list[Example], codec: Codec, tc):
+    """Fixed-order batches covering every example once; the last batch repeats its final example.
+
+    Yields (batch, number of real rows, the examples of the batch).
+    """
+    for start in range(0, len(examples), tc.batch_size):
+        part = examples[start:start + tc.batch_size]
+        real = len(part)
+        part = part + part[-1:] * (tc.batch_size - real)
+        yield collate([tokenize(e, codec, tc) for e in part], tc), real, part

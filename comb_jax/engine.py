@@ -1,0 +1,284 @@
+"""Batch serving engine: PICache pool lookup, chunk encoding, batched prefill, one jit-compiled decode loop.
+
+Per batch of up to `serve.max_batch` requests (the batch axis is always padded to max_batch):
+1. lookup: every chunk is acquired from the pool (hit) or reserved (miss); misses are encoded together by
+   the chunk processor, which writes their pages in place;
+2. prefill (`prefill_with_pages`): each request's pages are gathered into a dense per-request context of a
+   bucketed length (`serve.context_buckets`) with a token mask, and the prompts (bucketed lengths,
+   `serve.prompt_buckets`) run through the decoder, which samples the first token;
+3. generate (`decode.decode_loop`, donated state): a `lax.while_loop` until every row hit a stop id or its
+   token budget.
+A batch in which no request has chunks runs the plain backbone (no cross blocks). Every shape is a bucket,
+so after `warmup()` no request mix within the buckets compiles anything (see `compile_count`).
+
+mode="full" is the no-PIC baseline: the caller inlines the chunks into the prompt (`Request.chunk_ids`
+empty), and the prompt buckets grow by the context buckets so the whole prompt is prefilled by the decoder.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from comb_jax.config import Config, MeshConfig
+from comb_jax.decode import decode_loop, prefill
+from comb_jax.layout import model_layout
+from comb_jax.model import PICache
+from comb_jax.pool import (Entry, PagePool, PoolFullError, RequestError, bucket_for, fingerprint, gather_context,
+                           write_chunks)
+from comb_jax.sharding import make_mesh, shard_params
+
+# ---------------------------------------------------------------------------------------------------------
+# Compilation counting: jax records one backend-compile event per XLA compilation (cache hits record none).
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles: collections.Counter = collections.Counter()
+
+
+def _on_duration_event(event: str, duration: float, **kwargs):
+    if event == _BACKEND_COMPILE_EVENT:
+        _compiles[str(kwargs.get("fun_name", "?"))] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
+
+
+def compile_count() -> int:
+    """XLA compilations in this process so far."""
+    return sum(_compiles.values())
+
+
+def compiled_functions() -> dict[str, int]:
+    return dict(_compiles)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """prompt_ids: the chat-templated prompt; chunk_ids: each chunk's token ids (encoded independently)."""
+
+    id: str
+    prompt_ids: list[int]
+    chunk_ids: list[list[int]] = field(default_factory=list)
+    max_tokens: int = 0  # 0: serve.max_new_tokens
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Result:
+    id: str
+    tokens: list[int] = field(default_factory=list)  # generated ids, stop id excluded
+    ttft_s: float | None = None
+    chunk_hits: int = 0
+    chunk_misses: int = 0
+    error: str | None = None
+
+
+@partial(jax.jit, static_argnames=("cfg", "slots", "max_new_tokens", "stop_ids", "dtype"))
+def prefill_with_pages(params, pool_k, pool_v, page_table, context_mask, prompt, prompt_lengths, rng, temperature,
+                       top_p, *, cfg, slots, max_new_tokens, stop_ids, dtype=jnp.float32):
+    """Gather each request's pages into its dense PICache [E, B, C, K, D], then prefill the prompts.
+
+    page_table [B, C / page_tokens]; context_mask [B, C]; prompt [B, T]. Returns (DecodeState, PICache).
+    """
+    picache = PICache(*gather_context(pool_k, pool_v, page_table, context_mask))
+    state = prefill(params, prompt, prompt_lengths, picache, rng, temperature, top_p, cfg=cfg, slots=slots,
+                    max_new_tokens=max_new_tokens, stop_ids=stop_ids, dtype=dtype)
+    return state, picache
+
+
+def serving_mesh(cfg: Config):
+    """Serving replicates over data and shards over the tensor axis only (the batch is small and static)."""
+    tensor = max(1, cfg.mesh.tensor)
+    return make_mesh(MeshConfig(data=1, fsdp=1, tensor=tensor), jax.devices()[:tensor])
+
+
+class Engine:
+    """Serves batches of `Request`s. params: the full tree {"backbone", "comb"}; stop_ids end generation."""
+
+    def __init__(self, cfg: Config, params, *, stop_ids=(), tokenizer_id: str = "raw-ids", mode: str = "comb",
+                 mesh=None):
+        if mode not in ("comb", "full"):
+            raise ValueError(f"mode must be 'comb' or 'full', got {mode!r}")
+        self.cfg, self.serve, self.mode = cfg, cfg.serve, mode
+        self.dtype = jnp.dtype(cfg.compute_dtype)
+        self.mesh = mesh if mesh is not None else serving_mesh(cfg)
+        self.params = shard_params(params, model_layout(cfg.model), self.mesh)
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        fp = fingerprint(params["comb"]["encoder"], params["backbone"]["embed"], tokenizer_id)
+        self.pool = PagePool(cfg.model, cfg.serve, fp, self.mesh, self.dtype)
+        s = self.serve
+        self.context_buckets = tuple(sorted(b for b in s.context_buckets if b % s.page_tokens == 0))
+        if len(self.context_buckets) != len(s.context_buckets):
+            raise ValueError(f"context buckets {s.context_buckets} must be multiples of page_tokens={s.page_tokens}")
+        self.prompt_buckets = tuple(sorted(s.prompt_buckets))
+        if mode == "full":  # the chunks are inside the prompt
+            top = max(s.prompt_buckets)
+            self.prompt_buckets = tuple(sorted(set(s.prompt_buckets) | {c + top for c in self.context_buckets}))
+        self.rng = jax.random.key(s.seed)
+
+    # -- validation ---------------------------------------------------------------------------------------
+
+    def _check(self, r: Request):
+        s = self.serve
+        if not r.prompt_ids:
+            raise RequestError("empty prompt")
+        if len(r.prompt_ids) > max(self.prompt_buckets):
+            raise RequestError(f"prompt of {len(r.prompt_ids)} tokens exceeds the largest prompt bucket "
+                               f"{max(self.prompt_buckets)}")
+        if not 0 <= r.max_tokens <= s.max_new_tokens:
+            raise RequestError(f"max_tokens={r.max_tokens} outside [0, serve.max_new_tokens={s.max_new_tokens}]")
+        if r.temperature < 0 or not 0 < r.top_p <= 1:
+            raise RequestError(f"temperature={r.temperature} must be >= 0 and top_p={r.top_p} in (0, 1]")
+        if self.mode == "full" and r.chunk_ids:
+            raise RequestError("mode 'full' takes the chunks inlined in the prompt, not as chunk_ids")
+        vocab = self.cfg.model.vocab_size
+        for ids in [r.prompt_ids, *r.chunk_ids]:
+            if any(not 0 <= int(i) < vocab for i in ids):
+                raise RequestError(f"token id outside the vocabulary [0, {vocab})")
+        for ids in r.chunk_ids:
+            if len(ids) > s.max_chunk_tokens:
+                raise RequestError(f"chunk of {len(ids)} tokens exceeds max_chunk_tokens={s.max_chunk_tokens}")
+        context = sum(self.pool.pages_for(len(ids)) for ids in r.chunk_ids) * s.page_tokens
+        limit = min(s.max_context_tokens, max(self.context_buckets))
+        if context > limit:
+            raise RequestError(f"context of {context} page-rounded tokens exceeds {limit} "
+                               f"(max_context_tokens / largest context bucket)")
+
+    # -- pool ---------------------------------------------------------------------------------------------
+
+    def _acquire(self, r: Request):
+        """All of a request's chunks, or none (released again) if one does not fit."""
+        held = []
+        try:
+            for ids in r.chunk_ids:
+                held.append(self.pool.acquire(ids))
+        except RequestError:
+            self._release([e for e, _ in held])
+            raise
+        return held
+
+    def _release(self, entries):
+        for e in entries:
+            self.pool.release(e)
+            self.pool.drop_unwritten(e)
+
+    # -- batches ------------------------------------------------------------------------------------------
+
+    def run(self, requests: list[Request], progress=None) -> list[Result]:
+        """Serve every request; results in request order. A bad request gets `Result.error`, the rest run."""
+        results = {r.id: Result(r.id) for r in requests}
+        if len(results) != len(requests):
+            raise ValueError("request ids must be unique")
+        pending = collections.deque()
+        for r in requests:
+            try:
+                self._check(r)
+                pending.append(r)
+            except RequestError as e:
+                results[r.id].error = str(e)
+                if progress is not None:
+                    progress.update(1)
+        while pending:
+            start = time.perf_counter()
+            batch, held = [], []
+            while pending and len(batch) < self.serve.max_batch:
+                r = pending[0]
+                try:
+                    got = self._acquire(r)
+                except RequestError as e:
+                    if isinstance(e, PoolFullError) and batch:  # room may free up once this batch is done
+                        break
+                    pending.popleft()
+                    results[r.id].error = str(e)
+                    if progress is not None:
+                        progress.update(1)
+                    continue
+                pending.popleft()
+                batch.append(r)
+                held.append(got)
+                results[r.id].chunk_hits = sum(hit for _, hit in got)
+                results[r.id].chunk_misses = sum(not hit for _, hit in got)
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch, [[e for e, _ in got] for got in held], results, start)
+            finally:
+                for got in held:
+                    self._release([e for e, _ in got])
+            if progress is not None:
+                progress.update(len(batch))
+        return [results[r.id] for r in requests]
+
+    def _run_batch(self, batch: list[Request], entries: list[list], results: dict, start: float):
+        s = self.serve
+        b = s.max_batch
+        misses = {id(e): e for row in entries for e in row if not e.written}
+        if misses:
+            self.pool.write(self.params, list(misses.values()), s.encode_batch)
+
+        t = bucket_for(max(len(r.prompt_ids) for r in batch), self.prompt_buckets)
+        prompt = np.zeros((b, t), np.int32)
+        lengths = np.ones((b,), np.int32)  # padding rows: one token, no budget
+        max_tokens = np.zeros((b,), np.int32)
+        temperature = np.zeros((b,), np.float32)
+        top_p = np.ones((b,), np.float32)
+        for row, r in enumerate(batch):
+            prompt[row, :len(r.prompt_ids)] = r.prompt_ids
+            lengths[row] = len(r.prompt_ids)
+            max_tokens[row] = r.max_tokens or s.max_new_tokens
+            temperature[row], top_p[row] = r.temperature, r.top_p
+        self.rng, key = jax.random.split(self.rng)
+        static = dict(cfg=self.cfg.model, stop_ids=self.stop_ids, dtype=self.dtype)
+        prefill_static = dict(static, slots=t + s.max_new_tokens, max_new_tokens=s.max_new_tokens)
+
+        context = max(sum(len(e.pages) for e in row) for row in entries) * s.page_tokens
+        if context:
+            c = bucket_for(context, self.context_buckets)
+            table, mask = self.pool.page_table(entries + [[]] * (b - len(batch)), c)
+            state, picache = prefill_with_pages(self.params, self.pool.k, self.pool.v, table, mask, prompt, lengths,
+                                                key, temperature, top_p, **prefill_static)
+        else:
+            picache = None
+            state = prefill(self.params, prompt, lengths, None, key, temperature, top_p, **prefill_static)
+        state.last_token.block_until_ready()
+        ttft = time.perf_counter() - start
+        state = decode_loop(self.params, state, picache, max_tokens, temperature, top_p, **static)
+        tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
+        for row, r in enumerate(batch):
+            out = tokens[row, :counts[row]].tolist()
+            if out and out[-1] in self.stop_ids:
+                out = out[:-1]
+            res = results[r.id]
+            res.tokens, res.ttft_s = out, ttft
+
+    # -- warm-up ------------------------------------------------------------------------------------------
+
+    def warmup(self):
+        """Compile every bucket: chunk processor per chunk bucket, prefill + decode per prompt x context bucket."""
+        s, b = self.serve, self.serve.max_batch
+        if self.mode == "comb":
+            for length in s.chunk_buckets:
+                tokens = np.zeros((s.encode_batch, length), np.int32)
+                drop = np.full((s.encode_batch, length // s.page_tokens), self.pool.num_pages, np.int32)
+                self.pool.k, self.pool.v = write_chunks(self.params, self.pool.k, self.pool.v, tokens,
+                                                        tokens.astype(bool), drop, cfg=self.cfg.model,
+                                                        dtype=self.dtype)
+        contexts = [0] + (list(self.context_buckets) if self.mode == "comb" else [])
+        for t in self.prompt_buckets:
+            for c in contexts:
+                requests = [Request(f"warmup-{i}", [0], max_tokens=1) for i in range(b)]
+                entries = [[] for _ in range(b)]
+                if c:  # a fake entry spanning the context bucket, never written to the pool (page 0, masked)
+                    entries[0] = [Entry((0,) * c, [0] * (c // s.page_tokens), written=True)]
+                requests[0].prompt_ids = [0] * t
+                self._run_batch(requests, entries, {r.id: Result(r.id) for r in requests}, time.perf_counter())

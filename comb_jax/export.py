@@ -1,0 +1,326 @@
+"""Export to PyTorch in the Hugging Face layout of the Comb release, and the matching import.
+
+    python -m comb_jax.export --config smollm2_comb --checkpoint runs/smollm2_comb/checkpoints --out export/comb
+    python -m comb_jax.export --config smollm2_comb --decoder-only --out export/smollm2
+
+A Comb directory holds `config.json` (model_type "combllama", the Llama config under `text_config`,
+`cross_attention_layers` = c_k, `num_hidden_layers` = N + E like the release, plus `num_self_attention_layers` = N
+and `num_cross_attention_layers` = E so nobody has to subtract), the tokenizer files when the config has a
+tokenizer, and safetensors under the names of `weights.hf_names` (spec section 5), sharded with
+`model.safetensors.index.json` above `--max-shard-size`.
+
+Two names carry copies of the embedding, because the release's modules own them separately:
+`chunk_model.embed_tokens.weight` (the encoder's frozen embedding; in JAX the encoder reads the backbone's) and, for
+tied models, `language_model.lm_head.weight` (the release's loader expects a head under that name). Import checks
+that both equal `language_model.model.embed_tokens.weight`, because comb-jax cannot represent them differing.
+
+`--decoder-only` writes a plain `LlamaForCausalLM` directory (plain HF names, no head tensor when tied, as
+transformers saves it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from comb_jax.config import Config, ModelConfig, load_config
+from comb_jax.layout import check_shapes, init_params, model_layout
+from comb_jax.weights import SafetensorsDir, hf_names, model_config_from_hf, to_torch_layout, tree_from_tensors
+
+log = logging.getLogger("comb_jax.export")
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jax.numpy.bfloat16)}
+COMB_PREFIX = "language_model."
+INDEX_FILE = "model.safetensors.index.json"
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000 (KB/MB/GB are powers of 10, KiB/MiB/GiB powers of 2, like transformers)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise ValueError(f"cannot parse size {text!r}; use e.g. 2GB, 500MB, 64KiB or a number of bytes")
+    size = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config.json
+
+
+def llama_config_dict(cfg: ModelConfig, tokenizer=None) -> dict:
+    """Hugging Face LlamaConfig fields for the backbone (legacy rope_theta / rope_scaling: read by 4.x and 5.x)."""
+    sc = cfg.rope_scaling
+    out = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.mlp_hidden,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if sc is None else {
+            "rope_type": "llama3", "factor": sc.factor, "low_freq_factor": sc.low_freq_factor,
+            "high_freq_factor": sc.high_freq_factor, "original_max_position_embeddings": sc.original_max_position,
+        },
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    if tokenizer is not None:
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, field, None) is not None:
+                out[field] = getattr(tokenizer, field)
+    return out
+
+
+def comb_config_dict(cfg: ModelConfig, tokenizer=None, name: str = "") -> dict:
+    """The release's CombLlamaConfig fields, with the layer counts spelled out."""
+    n, e = cfg.num_layers, cfg.num_cross_layers
+    text = llama_config_dict(cfg, tokenizer)
+    text["num_hidden_layers"] = n + e  # the release binds text_config.num_hidden_layers to N + E
+    return {
+        "model_type": "combllama",
+        "architectures": ["CombLlamaForConditionalGeneration"],
+        "text_config": text,
+        "cross_attention_layers": list(cfg.cross_layers),
+        "num_hidden_layers": n + e,
+        "num_self_attention_layers": n,
+        "num_cross_attention_layers": e,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "pad_token_id": text.get("pad_token_id"),
+        "comb_jax_config": name,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensors and safetensors files
+
+
+def _leaf(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def torch_tensor_plan(cfg: ModelConfig, params, comb: bool):
+    """[(HF name, number of elements, thunk -> PyTorch-layout array)] in export order.
+
+    Lazy, so only one shard is materialised at a time (an 8B export does not need a second copy of the model).
+    """
+    prefix = COMB_PREFIX if comb else ""
+    plan = []
+    for path, name, n_in, index in hf_names(cfg, prefix, comb):
+        leaf = _leaf(params, path)
+        numel = leaf.size if index is None else leaf.size // leaf.shape[0]
+        plan.append((name, numel, lambda leaf=leaf, n_in=n_in, index=index:
+                     to_torch_layout(leaf if index is None else leaf[index], n_in)))
+    embed = params["backbone"]["embed"]
+    if comb:
+        plan.insert(1, ("chunk_model.embed_tokens.weight", embed.size, lambda: embed))
+        if cfg.tie_embeddings:
+            plan.append((f"{COMB_PREFIX}lm_head.weight", embed.size, lambda: embed))
+    return plan
+
+
+def write_safetensors(plan, out: Path, dtype: np.dtype, max_shard_bytes: int) -> list[str]:
+    """Write the planned tensors as model.safetensors, or as shards plus an index above `max_shard_bytes`."""
+    from safetensors.numpy import save_file
+
+    shards, current, current_bytes = [], [], 0
+    for item in plan:
+        nbytes = item[1] * dtype.itemsize
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(item)
+        current_bytes += nbytes
+    shards.append(current)
+
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # a previous export's shards would otherwise be read as ours
+    files = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    with tqdm(total=len(plan), desc="export tensors", unit="tensor") as bar:
+        for file, shard in zip(files, shards):
+            tensors = {}
+            for name, _, make in shard:
+                tensors[name] = np.ascontiguousarray(np.asarray(make()).astype(dtype))
+                weight_map[name] = file
+                bar.update()
+            save_file(tensors, str(out / file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(numel for _, numel, _ in plan) * dtype.itemsize
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2))
+    return files
+
+
+def _export(cfg: ModelConfig, params, out_dir, config: dict, comb: bool, dtype: str, max_shard_size,
+            tokenizer) -> list[str]:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown export dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    check_shapes(model_layout(cfg) if comb else {"backbone": model_layout(cfg)["backbone"]},
+                 {k: params[k] for k in (("backbone", "comb") if comb else ("backbone",))}, "export params")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = jax.tree.map(np.asarray, params)  # device -> host once, not once per layer slice
+    config = dict(config, torch_dtype=dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    files = write_safetensors(torch_tensor_plan(cfg, params, comb), out, DTYPES[dtype], parse_size(max_shard_size))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return files
+
+
+def export_comb(cfg: ModelConfig, params, out_dir, dtype: str = "float32", max_shard_size="2GB", tokenizer=None,
+                name: str = "") -> list[str]:
+    """Write a Comb directory (config.json, safetensors, tokenizer) from {"backbone", "comb"} params."""
+    return _export(cfg, params, out_dir, comb_config_dict(cfg, tokenizer, name), True, dtype, max_shard_size,
+                   tokenizer)
+
+
+def export_llama(cfg: ModelConfig, params, out_dir, dtype: str = "float32", max_shard_size="2GB",
+                 tokenizer=None) -> list[str]:
+    """Write a plain LlamaForCausalLM directory from params["backbone"]."""
+    return _export(cfg, params, out_dir, llama_config_dict(cfg, tokenizer), False, dtype, max_shard_size, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Import
+
+
+def _read_config(path: Path, model_type: str) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing")
+    config = json.loads(file.read_text())
+    if config.get("model_type") != model_type:
+        raise ValueError(f"{file}: model_type is {config.get('model_type')!r}, expected {model_type!r}")
+    return config
+
+
+def _read_params(cfg: ModelConfig, path: Path, comb: bool, dtype):
+    """Every expected tensor (missing -> KeyError, wrong shape -> ValueError, both naming it); no unknown ones."""
+    reader = SafetensorsDir(path)
+    prefix = COMB_PREFIX if comb else ""
+    params = tree_from_tensors(cfg, reader, dtype, comb=comb, decoder_prefix=prefix)
+    embed_name = f"{prefix}model.embed_tokens.weight"
+    copies = ["chunk_model.embed_tokens.weight"] if comb else []
+    head_name = f"{prefix}lm_head.weight"
+    if cfg.tie_embeddings and (comb or head_name in reader):
+        copies.append(head_name)
+    for name in copies:
+        if not np.array_equal(reader(name), reader(embed_name)):
+            raise ValueError(f"tensor {name} in {path} differs from {embed_name}; comb-jax shares one embedding")
+    known = {n for _, n, _, _ in hf_names(cfg, prefix, comb)} | set(copies)
+    unknown = sorted(set(reader.weight_map) - known)
+    if unknown:
+        raise ValueError(f"{path} holds {len(unknown)} tensors this config does not have, e.g. {unknown[:5]}")
+    return params
+
+
+def import_comb(path, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    """A Comb directory (as written by `export_comb`) -> (ModelConfig, {"backbone", "comb"} numpy params)."""
+    path = Path(path)
+    config = _read_config(path, "combllama")
+    cross = list(config["cross_attention_layers"])
+    text = dict(config["text_config"])
+    n = config.get("num_self_attention_layers", text["num_hidden_layers"] - len(cross))
+    if config.get("num_hidden_layers", n + len(cross)) != n + len(cross):
+        raise ValueError(f"{path}/config.json: num_hidden_layers={config['num_hidden_layers']} but "
+                         f"{n} self-attention + {len(cross)} cross layers")
+    cfg = model_config_from_hf(dict(text, num_hidden_layers=n), len(cross))
+    if list(cfg.cross_layers) != cross:
+        raise ValueError(f"{path}/config.json: cross_attention_layers={cross}, but comb-jax places {len(cross)} "
+                         f"cross blocks over {n} layers at {list(cfg.cross_layers)}")
+    return cfg, _read_params(cfg, path, True, dtype)
+
+
+def import_llama(path, dtype=np.float32, num_cross_layers: int = 1) -> tuple[ModelConfig, dict]:
+    """A plain LlamaForCausalLM directory -> (ModelConfig, {"backbone"} numpy params)."""
+    path = Path(path)
+    cfg = model_config_from_hf(_read_config(path, "llama"), num_cross_layers)
+    return cfg, _read_params(cfg, path, False, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def load_params(cfg: Config, checkpoint: str | None, decoder_only: bool = False) -> dict:
+    """Backbone from cfg.weights; comb params from an Orbax checkpoint of train.py, or freshly initialised."""
+    from comb_jax.weights import load_backbone
+
+    params = {"backbone": load_backbone(cfg)}
+    if decoder_only:
+        if checkpoint:
+            log.warning("--decoder-only exports the frozen backbone from cfg.weights; the checkpoint is not read")
+        return params
+    if checkpoint:
+        from comb_jax.checkpoint import restore_comb_params
+
+        params["comb"] = restore_comb_params(checkpoint, cfg)
+    else:
+        log.warning("no --checkpoint: the comb parameters are freshly initialised (gates 0, so the export "
+                    "behaves exactly like the backbone)")
+        layout = {"comb": model_layout(cfg.model)["comb"]}
+        params["comb"] = init_params(layout, jax.random.key(cfg.train.seed))["comb"]
+    return params
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m comb_jax.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="config name in configs/")
+    parser.add_argument("--checkpoint", help="Orbax checkpoint directory of train.py (default: fresh comb params)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--decoder-only", action="store_true", help="write a plain LlamaForCausalLM directory")
+    parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (e.g. 2GB, 500MB)")
+    parser.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parse_size(args.max_shard_size)  # fail before loading weights
+
+    start = time.time()
+    cfg = load_config(args.config, args.overrides)
+    params = load_params(cfg, args.checkpoint, args.decoder_only)
+    tokenizer = None
+    if cfg.weights.source != "random":
+        from comb_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg)
+    if args.decoder_only:
+        files = export_llama(cfg.model, params, args.out, args.dtype, args.max_shard_size, tokenizer)
+    else:
+        files = export_comb(cfg.model, params, args.out, args.dtype, args.max_shard_size, tokenizer, cfg.name)
+    summary = {
+        "out": str(args.out), "kind": "llama" if args.decoder_only else "combllama", "dtype": args.dtype,
+        "files": files, "bytes": sum((Path(args.out) / f).stat().st_size for f in files),
+        "tokenizer": tokenizer is not None, "seconds": round(time.time() - start, 2),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

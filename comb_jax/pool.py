@@ -1,0 +1,287 @@
+"""The PICache pool: preallocated K/V pages on device, a host-side chunk index, and the chunk processor.
+
+Storage: k, v `[cross_layers, pages, page_tokens, kv_heads, head_dim]`, sharded over kv_heads on the mesh's
+tensor axis. A chunk of L tokens owns ceil(L / page_tokens) pages (its last page is partly filled).
+
+Index: key = sha256(fingerprint of encoder weights + tokenizer, token ids); a hit also compares the ids
+themselves, so a hash collision can never serve the wrong chunk. Entries carry a reference count (requests
+using them), a pin flag, and sit in an LRU order; only idle (refcount 0), unpinned entries are evicted.
+
+Chunk processor: `write_chunks` encodes a batch of chunks of one bucketed length with `model.encode` and
+scatters their K/V into their pages in place (the pool buffers are donated), one compile per bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from comb_jax.config import ModelConfig, ServeConfig
+from comb_jax.model import encode
+from comb_jax.sharding import logical_sharding
+
+POOL_AXES = ("layers", "pages", "page_tokens", "kv_heads", "head_dim")
+
+
+class RequestError(ValueError):
+    """A request that cannot be served (the message says why); other requests still run."""
+
+
+class ChunkTooLongError(RequestError):
+    pass
+
+
+class PoolFullError(RequestError):
+    pass
+
+
+def fingerprint(encoder_params, embed, tokenizer_id: str = "") -> str:
+    """sha256 over the encoder weights, the (frozen) embedding it reads and a tokenizer identity string."""
+    h = hashlib.sha256(tokenizer_id.encode())
+    for leaf in jax.tree.leaves((encoder_params, embed)):
+        a = np.asarray(leaf)
+        h.update(str((a.shape, a.dtype)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_identity(tok) -> str:
+    """A string that changes when the tokenizer's vocabulary changes (None -> raw token ids)."""
+    if tok is None:
+        return "raw-ids"
+    vocab = sorted(tok.get_vocab().items())
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    """One cached chunk. pages: pool page ids in token order; written: its K/V are in the pool."""
+
+    ids: tuple[int, ...]
+    pages: list[int]
+    refcount: int = 0
+    pinned: bool = False
+    written: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class PoolStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+def pool_pages(serve: ServeConfig, cfg: ModelConfig, dtype) -> int:
+    """Number of pages: `pool_tokens` / page_tokens, or a fraction of device memory when pool_fraction > 0."""
+    if serve.pool_fraction > 0:
+        stats = jax.devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if not limit:
+            raise ValueError("serve.pool_fraction needs a device that reports memory_stats()['bytes_limit'];"
+                             " set serve.pool_tokens instead")
+        page_bytes = 2 * cfg.num_cross_layers * serve.page_tokens * cfg.num_kv_heads * cfg.head_dim
+        page_bytes *= jnp.dtype(dtype).itemsize
+        return max(1, int(limit * serve.pool_fraction) // page_bytes)
+    return max(1, serve.pool_tokens // serve.page_tokens)
+
+
+class PagePool:
+    """Device page buffers + host index. Not thread-safe (one engine drives it)."""
+
+    def __init__(self, cfg: ModelConfig, serve: ServeConfig, fingerprint_str: str, mesh, dtype=jnp.float32):
+        for b in serve.chunk_buckets:
+            if b % serve.page_tokens:
+                raise ValueError(f"chunk bucket {b} is not a multiple of page_tokens={serve.page_tokens}")
+        if max(serve.chunk_buckets) < serve.max_chunk_tokens:
+            raise ValueError(f"max_chunk_tokens={serve.max_chunk_tokens} exceeds the largest chunk bucket "
+                             f"{max(serve.chunk_buckets)}")
+        self.cfg, self.serve, self.fingerprint, self.dtype = cfg, serve, fingerprint_str, dtype
+        self.num_pages = pool_pages(serve, cfg, dtype)
+        shape = (cfg.num_cross_layers, self.num_pages, serve.page_tokens, cfg.num_kv_heads, cfg.head_dim)
+        self.sharding = logical_sharding(shape, POOL_AXES, mesh)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)
+        self.k, self.v = zeros(), zeros()
+        self.free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self.entries: OrderedDict[str, list[Entry]] = OrderedDict()  # LRU order: oldest first
+        self.stats = PoolStats()
+
+    # -- index --------------------------------------------------------------------------------------------
+
+    def key(self, ids) -> str:
+        return hashlib.sha256(self.fingerprint.encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
+
+    def find(self, ids) -> Entry | None:
+        ids = tuple(int(i) for i in ids)
+        for entry in self.entries.get(self.key(ids), ()):
+            if entry.ids == ids:  # equality on the ids, never the hash alone
+                return entry
+        return None
+
+    def pages_for(self, length: int) -> int:
+        return math.ceil(length / self.serve.page_tokens)
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self.free)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.entries.values())
+
+    def _touch(self, key: str):
+        self.entries.move_to_end(key)
+
+    def _evict_until(self, pages_needed: int):
+        """Evict idle, unpinned entries, least recently used first, until `pages_needed` pages are free."""
+        for key in list(self.entries):
+            if len(self.free) >= pages_needed:
+                return
+            bucket = self.entries[key]
+            for entry in [e for e in bucket if e.refcount == 0 and not e.pinned]:
+                bucket.remove(entry)
+                self.free.extend(reversed(entry.pages))
+                self.stats.evictions += 1
+            if not bucket:
+                del self.entries[key]
+
+    def acquire(self, ids) -> tuple[Entry, bool]:
+        """Look a chunk up (hit) or reserve pages for it (miss); either way its refcount goes up by one.
+
+        Returns (entry, hit). A miss returns an entry with written=False: the caller must `write_chunks` it.
+        Raises ChunkTooLongError or PoolFullError (nothing is left reserved then).
+        """
+        ids = tuple(int(i) for i in ids)
+        if not ids:
+            raise RequestError("empty chunk")
+        if len(ids) > self.serve.max_chunk_tokens:
+            raise ChunkTooLongError(f"chunk of {len(ids)} tokens exceeds max_chunk_tokens="
+                                    f"{self.serve.max_chunk_tokens}")
+        key = self.key(ids)
+        entry = self.find(ids)
+        if entry is not None:
+            entry.refcount += 1
+            self._touch(key)
+            self.stats.hits += 1
+            return entry, True
+        need = self.pages_for(len(ids))
+        if need > self.num_pages:
+            raise PoolFullError(f"chunk of {len(ids)} tokens needs {need} pages; the pool has {self.num_pages}")
+        self._evict_until(need)
+        if len(self.free) < need:
+            in_use = sum(e.refcount > 0 or e.pinned for b in self.entries.values() for e in b)
+            raise PoolFullError(f"pool full: chunk needs {need} pages, {len(self.free)} free of {self.num_pages} "
+                                f"after evicting every idle entry ({in_use} entries in use or pinned)")
+        entry = Entry(ids, [self.free.pop() for _ in range(need)], refcount=1)
+        self.entries.setdefault(key, []).append(entry)
+        self._touch(key)
+        self.stats.misses += 1
+        return entry, False
+
+    def release(self, entry: Entry):
+        if entry.refcount <= 0:
+            raise RuntimeError("release of a pool entry that is not in use")
+        entry.refcount -= 1
+
+    def drop_unwritten(self, entry: Entry):
+        """Undo a miss whose encoding never happened (the request failed): free its pages now."""
+        key = self.key(entry.ids)
+        bucket = self.entries.get(key, [])
+        if entry in bucket and not entry.written and entry.refcount == 0:
+            bucket.remove(entry)
+            self.free.extend(reversed(entry.pages))
+            if not bucket:
+                del self.entries[key]
+
+    def pin(self, ids, pinned: bool = True):
+        entry = self.find(ids)
+        if entry is None:
+            raise KeyError("pin: chunk is not in the pool")
+        entry.pinned = pinned
+
+    # -- device side --------------------------------------------------------------------------------------
+
+    def write(self, params, entries: list[Entry], batch: int):
+        """Encode `entries` (misses) and write their pages, `batch` chunks per call, grouped by length bucket."""
+        by_bucket: dict[int, list[Entry]] = {}
+        for e in entries:
+            by_bucket.setdefault(bucket_for(e.length, self.serve.chunk_buckets), []).append(e)
+        pt = self.serve.page_tokens
+        for length, group in sorted(by_bucket.items()):
+            for start in range(0, len(group), batch):
+                part = group[start:start + batch]
+                tokens = np.zeros((batch, length), np.int32)
+                mask = np.zeros((batch, length), bool)
+                page_ids = np.full((batch, length // pt), self.num_pages, np.int32)  # out of range -> dropped
+                for row, e in enumerate(part):
+                    tokens[row, :e.length] = e.ids
+                    mask[row, :e.length] = True
+                    page_ids[row, :len(e.pages)] = e.pages
+                self.k, self.v = write_chunks(params, self.k, self.v, tokens, mask, page_ids, cfg=self.cfg,
+                                              dtype=self.dtype)
+                for e in part:
+                    e.written = True
+
+    def page_table(self, entries_per_row: list[list[Entry]], context_tokens: int):
+        """Per-request dense view: page ids [B, context_tokens / page_tokens] and a token mask [B, context_tokens].
+
+        A request's chunks are laid out page by page in order; the unused tail of each chunk's last page is
+        masked out, so the gathered context holds exactly the chunks' tokens.
+        """
+        pt = self.serve.page_tokens
+        table = np.zeros((len(entries_per_row), context_tokens // pt), np.int32)
+        mask = np.zeros((len(entries_per_row), context_tokens), bool)
+        for row, entries in enumerate(entries_per_row):
+            slot = 0
+            for e in entries:
+                table[row, slot:slot + len(e.pages)] = e.pages
+                mask[row, slot * pt: slot * pt + e.length] = True
+                slot += len(e.pages)
+        return table, mask
+
+
+def bucket_for(n: int, buckets) -> int:
+    """Smallest bucket >= n."""
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise RequestError(f"{n} tokens exceed the largest bucket {max(buckets)}")
+
+
+@partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("pool_k", "pool_v"))
+def write_chunks(params, pool_k, pool_v, tokens, mask, page_ids, *, cfg: ModelConfig, dtype=jnp.float32):
+    """Encode chunks and write them into their pages in place.
+
+    tokens, mask [B, L] (L a multiple of page_tokens); page_ids [B, L / page_tokens] (out-of-range ids are
+    dropped: padding rows and pages past a chunk's end). pool_k/v [E, P, page_tokens, K, D] (donated).
+    """
+    cache = encode(params, tokens, mask, cfg, dtype)
+    e, b, length, kv_heads, head_dim = cache.k.shape
+    pt = pool_k.shape[2]
+    flat_ids = page_ids.reshape(-1)
+
+    def scatter(pool, new):
+        pages = new.reshape(e, b * (length // pt), pt, kv_heads, head_dim).astype(pool.dtype)
+        return pool.at[:, flat_ids].set(pages, mode="drop")
+
+    return scatter(pool_k, cache.k), scatter(pool_v, cache.v)
+
+
+@jax.jit
+def gather_context(pool_k, pool_v, page_table, mask):
+    """Pages -> dense per-request PICache arrays. page_table [B, P_ctx]; mask [B, C] -> k, v [E, B, C, K, D]."""
+    def dense(pool):
+        pages = pool[:, page_table]  # [E, B, P_ctx, page_tokens, K, D]
+        e, b, p, pt, k, d = pages.shape
+        return pages.reshape(e, b, p * pt, k, d)
+
+    return dense(pool_k), dense(pool_v), mask

@@ -1,0 +1,417 @@
+"""Training Comb: loss, optimizer, a sharded jit train step, and the training loop with eval and checkpoints.
+
+Only `params["comb"]` is differentiated and carries AdamW state; the frozen backbone is a separate argument of
+the step. Master weights are float32; the model computes in `cfg.compute_dtype` (bfloat16 on accelerators).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from comb_jax import checkpoint as ckpt
+from comb_jax import data as data_lib
+from comb_jax.layout import abstract_params, count_params, model_layout
+from comb_jax.model import PICache, encode, forward, lm_logits
+from comb_jax.sharding import logical_sharding, make_mesh, param_shardings, replicated
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Dense bf16 peak FLOP/s per device, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12,
+              "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
+
+
+class TrainingDiverged(FloatingPointError):
+    pass
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # [] int32
+    comb: Any  # trainable params, float32 master copy
+    opt_state: Any  # AdamW state of `comb` only
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def batch_picache(params, chunk_tokens, chunk_mask, cfg, dtype) -> PICache:
+    """Encode every chunk on its own, then join each example's chunks along the context axis.
+
+    chunk_tokens, chunk_mask [B, n, L] -> PICache with k, v [E, B, n * L, K, D] and mask [B, n * L].
+    """
+    b, n, length = chunk_tokens.shape
+    cache = encode(params, chunk_tokens.reshape(b * n, length), chunk_mask.reshape(b * n, length), cfg.model, dtype)
+    e, _, _, kv, d = cache.k.shape
+    return PICache(cache.k.reshape(e, b, n * length, kv, d), cache.v.reshape(e, b, n * length, kv, d),
+                   chunk_mask.reshape(b, n * length))
+
+
+def loss_fn(comb, backbone, batch, cfg):
+    """Mean cross-entropy over answer tokens (+ kl_weight * KL(teacher || student) on the same tokens).
+
+    batch: chunk_tokens/chunk_mask [B, n, L], tokens/targets/loss_mask [B, T] and, with KL,
+    teacher_tokens [B, S] (context inlined) and teacher_index [B, T] (the teacher position predicting the same
+    answer token). Returns (loss, {"loss", "ce", "kl", "answer_tokens"}).
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+    params = {"backbone": backbone, "comb": comb}
+    picache = batch_picache(params, batch["chunk_tokens"], batch["chunk_mask"], cfg, dtype)
+    hidden, _ = forward(params, batch["tokens"], cfg.model, picache, dtype=dtype, remat=cfg.train.remat)
+    log_probs = jax.nn.log_softmax(lm_logits(params, hidden), axis=-1)
+    mask = batch["loss_mask"]
+    count = jnp.maximum(mask.sum(), 1.0)
+    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+    ce = (nll * mask).sum() / count
+    kl = jnp.zeros((), jnp.float32)
+    if cfg.train.kl_weight > 0:
+        teacher_hidden, _ = forward({"backbone": backbone}, batch["teacher_tokens"], cfg.model, dtype=dtype)
+        teacher_hidden = jnp.take_along_axis(teacher_hidden, batch["teacher_index"][..., None], axis=1)
+        teacher_log_probs = jax.lax.stop_gradient(jax.nn.log_softmax(lm_logits(params, teacher_hidden), axis=-1))
+        per_token = (jnp.exp(teacher_log_probs) * (teacher_log_probs - log_probs)).sum(-1)
+        kl = (per_token * mask).sum() / count
+    loss = ce + cfg.train.kl_weight * kl
+    return loss, {"loss": loss, "ce": ce, "kl": kl, "answer_tokens": mask.sum()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def learning_rate(tc) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then constant or cosine decay to 10% over the remaining steps."""
+    warmup = optax.linear_schedule(0.0, tc.learning_rate, max(tc.warmup_steps, 1))
+    if tc.schedule == "constant":
+        after = optax.constant_schedule(tc.learning_rate)
+    elif tc.schedule == "cosine":
+        after = optax.cosine_decay_schedule(tc.learning_rate, max(tc.steps - tc.warmup_steps, 1), alpha=0.1)
+    else:
+        raise ValueError(f"unknown train.schedule {tc.schedule!r}; valid: constant, cosine")
+    return optax.join_schedules([warmup, after], [max(tc.warmup_steps, 1)])
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW; weight decay only on matrices (not norms or gates)."""
+    decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 3, tree)  # stacked linears are [layers, in, ...]
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                       optax.adamw(learning_rate(tc), b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shardings and the step
+
+
+BATCH_AXES = {"chunk_tokens": ("batch", None, "seq"), "chunk_mask": ("batch", None, "seq"),
+              "tokens": ("batch", "seq"), "targets": ("batch", "seq"), "loss_mask": ("batch", "seq"),
+              "teacher_tokens": ("batch", "seq"), "teacher_index": ("batch", "seq")}
+
+
+def batch_shardings(batch, mesh):
+    """Batch arrays split over (data, fsdp) on their leading axis."""
+    return {k: logical_sharding(np.shape(v), BATCH_AXES[k], mesh) for k, v in batch.items()}
+
+
+def opt_state_shardings(abstract_opt_state, comb_shardings, mesh):
+    """Shard AdamW moments like the parameter they belong to (matched by name and shape); scalars replicated."""
+    by_name = {tuple(str(getattr(p, "key", p)) for p in path): s
+               for path, s in jax.tree_util.tree_flatten_with_path(comb_shardings)[0]}
+
+    def pick(path, leaf):
+        name = tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+        return by_name.get(name, replicated(mesh)) if leaf.ndim else replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def state_shardings(cfg, mesh, optimizer):
+    comb_layout = model_layout(cfg.model)["comb"]
+    comb_sh = param_shardings(comb_layout, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params(comb_layout, jnp.dtype(cfg.param_dtype)))
+    return TrainState(replicated(mesh), comb_sh, opt_state_shardings(abstract_opt, comb_sh, mesh))
+
+
+def check_batch_divides(cfg, mesh):
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.batch_size % shards:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data x fsdp = {shards} "
+                         f"(mesh {dict(mesh.shape)})")
+
+
+def make_train_step(cfg, mesh, optimizer, example_batch):
+    """jit(step)(state, backbone, batch) -> (state, metrics) with explicit shardings; `state` is donated."""
+    check_batch_divides(cfg, mesh)
+    state_sh = state_shardings(cfg, mesh, optimizer)
+    backbone_sh = param_shardings(model_layout(cfg.model)["backbone"], mesh)
+
+    def step(state: TrainState, backbone, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state.comb, jax.lax.stop_gradient(backbone), batch, cfg)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.comb)
+        comb = optax.apply_updates(state.comb, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        return TrainState(state.step + 1, comb, opt_state), metrics
+
+    return jax.jit(step, in_shardings=(state_sh, backbone_sh, batch_shardings(example_batch, mesh)),
+                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+
+
+def init_state(cfg, mesh, optimizer, comb) -> TrainState:
+    """Place `comb` (host or device arrays) on the mesh and build its optimizer state there."""
+    sh = state_shardings(cfg, mesh, optimizer)
+    comb = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(cfg.param_dtype)), comb), sh.comb)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(comb)
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), sh.step), comb, opt_state)
+
+
+def place_backbone(cfg, mesh, backbone):
+    """Frozen weights on the mesh, stored in the compute dtype (they are never updated)."""
+    sh = param_shardings(model_layout(cfg.model)["backbone"], mesh)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    return jax.device_put(jax.tree.map(lambda a: np.asarray(a).astype(dtype), backbone), sh)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eval
+
+
+def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_new_tokens: int) -> dict:
+    """Mean answer-token loss and QA F1 of greedy answers (decoded with the PICache) on `examples`."""
+    from comb_jax.decode import generate
+    from comb_jax.metrics import qa_f1
+
+    dtype = jnp.dtype(cfg.compute_dtype)
+    params = {"backbone": backbone, "comb": state.comb}
+    encode_fn = jax.jit(lambda p, t, m: batch_picache(p, t, m, cfg, dtype))
+    total_loss = total_tokens = 0.0
+    f1_gold, f1_target, samples = [], [], []
+    for batch, real, part in data_lib.eval_batches(examples, codec, cfg.train):
+        batch = {k: v[:real] if False else v for k, v in batch.items()}
+        _, metrics = loss_step(state.comb, backbone, batch)
+        total_loss += float(metrics["ce"]) * float(metrics["answer_tokens"])
+        total_tokens += float(metrics["answer_tokens"])
+        prompts = [codec.prompt_ids(e.question) for e in part]
+        width = -(-max(len(p) for p in prompts) // 16) * 16
+        tokens = np.zeros((len(part), width), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+        picache = encode_fn(params, batch["chunk_tokens"], batch["chunk_mask"])
+        out, _ = generate(params, jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32), picache,
+                          cfg.model, max_new_tokens=max_new_tokens, stop_ids=codec.stop_ids, dtype=dtype)
+        out = np.asarray(out)
+        for i, e in enumerate(part[:real]):
+            answer = codec.decode(out[i]).strip()
+            f1_gold.append(qa_f1(answer, list(e.golds)))
+            f1_target.append(qa_f1(answer, e.answer))
+            if len(samples) < 3:
+                samples.append({"question": e.question, "answer": answer, "target": e.answer})
+    return {"eval_loss": total_loss / max(total_tokens, 1.0), "eval_f1": float(np.mean(f1_gold)),
+            "eval_f1_target": float(np.mean(f1_target)), "eval_samples": samples}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def real_tokens(batch) -> int:
+    """Non-padding tokens in a batch: chunk tokens plus decoder tokens up to the last answer target."""
+    last = np.where(batch["loss_mask"].any(1), batch["loss_mask"].shape[1] - np.argmax(batch["loss_mask"][:, ::-1], 1), 0)
+    return int(batch["chunk_mask"].sum() + last.sum())
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    matches = [v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()]
+    return max(matches) if matches and device.platform != "cpu" else None
+
+
+def step_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # not every backend reports costs
+        return None
+
+
+def resolve_targets(cfg) -> str:
+    t = cfg.train.targets
+    if t == "auto":
+        return "gold" if cfg.weights.source == "random" else "teacher"
+    if t not in ("teacher", "gold"):
+        raise ValueError(f"unknown train.targets {t!r}; valid: auto, teacher, gold")
+    return t
+
+
+def prepare_examples(cfg, codec, backbone_params, run_dir: Path, progress: bool):
+    """(train, eval) examples with their training targets (teacher answers cached in the run dir)."""
+    data_dir = Path(cfg.train.data_dir) if cfg.train.data_dir else DEFAULT_DATA_DIR
+    train_ex = data_lib.load_examples(cfg.train, data_dir, "train")
+    eval_ex = data_lib.load_examples(cfg.train, data_dir, "eval")
+    if resolve_targets(cfg) == "teacher":
+        train_ex = data_lib.teacher_targets(train_ex, backbone_params, cfg, codec, run_dir / "teacher_train.jsonl",
+                                            progress)
+        eval_ex = data_lib.teacher_targets(eval_ex, backbone_params, cfg, codec, run_dir / "teacher_eval.jsonl",
+                                           progress)
+    return train_ex, eval_ex
+
+
+def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          backbone=None, examples=None) -> dict:
+    """Train `cfg`; returns a summary. `stop_after` ends the loop early without a final save (a simulated kill).
+
+    `backbone` (host arrays) and `examples` ((train, eval) lists) may be passed in to skip loading them.
+    """
+    from tqdm import tqdm
+
+    from comb_jax.warm_start import init_comb
+    from comb_jax.weights import load_backbone
+
+    tc = cfg.train
+    run_dir = Path(tc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(cfg.mesh)
+    check_batch_divides(cfg, mesh)
+    backbone_host = load_backbone(cfg) if backbone is None else backbone
+    backbone = place_backbone(cfg, mesh, backbone_host)
+    codec = data_lib.make_codec(cfg)
+    if examples is None:
+        examples = prepare_examples(cfg, codec, {"backbone": backbone}, run_dir, progress)
+    train_ex, eval_ex = examples
+    iterator = data_lib.train_iterator(train_ex, codec, tc)
+
+    optimizer = make_optimizer(tc)
+    manager = ckpt.make_manager(ckpt.checkpoint_root(run_dir), tc.keep_checkpoints)
+    start = manager.latest_step() if resume else None
+    if resume and start is None:
+        print(f"--resume: no checkpoint in {ckpt.checkpoint_root(run_dir)}; starting from scratch")
+    if start is None:
+        if not resume and manager.latest_step() is not None:
+            raise FileExistsError(f"{ckpt.checkpoint_root(run_dir)} already has checkpoints: pass --resume to "
+                                  "continue, or choose another train.run_dir")
+        comb = init_comb(cfg, backbone_host, jax.random.key(tc.seed))
+        state = init_state(cfg, mesh, optimizer, comb)
+    else:
+        template = init_state(cfg, mesh, optimizer, jax.eval_shape(
+            lambda: init_comb(cfg, backbone_host, jax.random.key(tc.seed))) if False else
+            jax.tree.map(np.zeros_like, abstract_params(model_layout(cfg.model)["comb"])))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), template)
+        comb, opt_state, step, data_state = ckpt.restore(manager, start, abstract.comb, abstract.opt_state)
+        state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), replicated(mesh)), comb, opt_state)
+        iterator.set_state(data_state)
+
+    first = next(iterator)
+    train_step = make_train_step(cfg, mesh, optimizer, first)
+    loss_step = jax.jit(lambda comb, bb, batch: loss_fn(comb, bb, batch, cfg))
+    schedule = learning_rate(tc)
+    peak = peak_flops(jax.devices()[0])
+    flops = {}
+    metrics_path = run_dir / "metrics.jsonl"
+    step = int(state.step)
+    summary = {"start_step": step, "run_dir": str(run_dir)}
+    bar = tqdm(total=tc.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
+    batch = first
+    last_eval = None
+    try:
+        with metrics_path.open("a") as log:
+            while step < tc.steps:
+                shapes = tuple(v.shape for v in batch.values())
+                if shapes not in flops and peak:
+                    flops[shapes] = step_flops(train_step.lower(state, backbone, batch).compile())
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, backbone, batch)
+                metrics = jax.device_get(metrics)
+                seconds = time.perf_counter() - t0
+                step += 1
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+                        f"(step {manager.latest_step()}) in {ckpt.checkpoint_root(run_dir)} is untouched.")
+                tokens = real_tokens(batch)
+                record = {"step": step, "loss": loss, "ce": float(metrics["ce"]), "kl": float(metrics["kl"]),
+                          "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
+                          "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+                if flops.get(shapes) and peak:
+                    record["mfu"] = flops[shapes] / seconds / (peak * mesh.size)
+                eval_loss = None
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    last_eval = evaluate(state, backbone, eval_ex, codec, cfg, loss_step,
+                                         min(tc.teacher_max_tokens, tc.max_decoder_tokens))
+                    eval_loss = last_eval["eval_loss"]
+                    record.update({k: v for k, v in last_eval.items() if k != "eval_samples"})
+                    tqdm.write(f"step {step}: eval loss {eval_loss:.4f}, F1 {last_eval['eval_f1']:.3f} "
+                               f"(vs targets {last_eval['eval_f1_target']:.3f}); sample: "
+                               f"{json.dumps(last_eval['eval_samples'][:1])}")
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+                if step % tc.checkpoint_every == 0 or step == tc.steps:
+                    ckpt.save(manager, step, state.comb, state.opt_state, iterator.get_state(), cfg, eval_loss)
+                summary.setdefault("losses", []).append(loss)
+                if stop_after is not None and step >= stop_after:
+                    break
+                if step < tc.steps:
+                    batch = next(iterator)
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+    summary.update(end_step=step, last_eval=last_eval, state=state, latest_checkpoint=step)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dry run
+
+
+def dry_run(cfg) -> dict:
+    """Lower and compile the train step with abstract arrays on the current devices; no weights are loaded."""
+    mesh = make_mesh(cfg.mesh)
+    check_batch_divides(cfg, mesh)
+    tc = cfg.train
+    layout = model_layout(cfg.model)
+    optimizer = make_optimizer(tc)
+    sh = state_shardings(cfg, mesh, optimizer)
+    comb = abstract_params(layout["comb"], jnp.dtype(cfg.param_dtype))
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), comb, jax.eval_shape(optimizer.init, comb))
+    backbone = abstract_params(layout["backbone"], jnp.dtype(cfg.compute_dtype))
+    b, n = tc.batch_size, 1 + tc.num_distractors
+    lc = data_lib._bucket(tc.max_chunk_tokens, tc.chunk_buckets, "chunk")
+    td = data_lib._bucket(tc.max_decoder_tokens, tc.decoder_buckets, "decoder sequence")
+    batch = {"chunk_tokens": np.zeros((b, n, lc), np.int32), "chunk_mask": np.zeros((b, n, lc), bool),
+             "tokens": np.zeros((b, td), np.int32), "targets": np.zeros((b, td), np.int32),
+             "loss_mask": np.zeros((b, td), np.float32)}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    step = make_train_step(cfg, mesh, optimizer, batch)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, backbone, batch)
+    compiled = lowered.compile()
+    mem = compiled.memory_analysis()
+    gib = 2.0 ** 30
+    report = {
+        "config": cfg.name, "mesh": dict(mesh.shape), "devices": mesh.size,
+        "trainable_params": count_params(layout["comb"]), "backbone_params": count_params(layout["backbone"]),
+        "optimizer_state_params": count_params(jax.eval_shape(optimizer.init, comb)),
+        "batch": {k: list(v.shape) for k, v in batch.items()},
+        "compile_seconds": round(time.perf_counter() - t0, 1), "flops_per_step": step_flops(compiled),
+        "sharding": {"comb/encoder/layers/wq": str(sh.comb["encoder"]["layers"]["wq"].spec)},
+    }
+    if mem is not None:
+        report["per_device_memory_gib"] = {
+            "arguments": mem.argument_size_in_bytes / gib, "outputs": mem.output_size_in_bytes / gib,
+            "temporaries": mem.temp_size_in_bytes / gib, "generated_code": mem.generated_code_size_in_bytes / gib,
+            "aliased": mem.alias_size_in_bytes / gib,
+            "total_live_estimate": (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                                    - mem.alias_size_in_bytes) / gib,
+        }
+    return report
