@@ -197,8 +197,9 @@ def load_hf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
         raise FileNotFoundError(f"{config_file} is missing (expected a Hugging Face Llama directory)")
     found = model_config_from_hf(json.loads(config_file.read_text()), cfg.num_cross_layers)
     for field in ("vocab_size", "hidden", "mlp_hidden", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
-        if getattr(found, field) != getattr(cfg, field):
-            raise ValueError(f"{config_file}: {field}={getattr(found, field)} but the config says {getattr(cfg, field)}")
+        have, want = getattr(found, field), getattr(cfg, field)
+        if have != want:
+            raise ValueError(f"{config_file}: {field}={have} but the config says {want}")
     return tree_from_tensors(cfg, SafetensorsDir(path), dtype, comb=False)["backbone"]
 
 

@@ -7,8 +7,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from comb_jax.config import load_config
-from comb_jax.weights import (SafetensorsDir, load_hf_backbone, tensors_from_tree, tree_from_tensors,
-                              unpermute_qk)
+from comb_jax.weights import SafetensorsDir, load_hf_backbone, tensors_from_tree, tree_from_tensors, unpermute_qk
 
 
 def _write_hf_dir(path, cfg, backbone, shards=1):
