@@ -108,7 +108,7 @@ class TrainConfig:
     max_decoder_tokens: int = 512
     chunk_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     decoder_buckets: tuple[int, ...] = (64, 128, 256, 512)
-    eval_every: int = 100
+    eval_every: int = 100  # 0 = no eval
     eval_examples: int = 64
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

@@ -331,12 +331,15 @@ def tokenize(example: Example, codec: Codec, tc) -> dict:
     chunks = [codec.encode(c)[: tc.max_chunk_tokens] for c in example.chunks]
     prompt = codec.prompt_ids(example.question)
     answer = codec.answer_ids(example.answer)
-    if len(prompt) >= tc.max_decoder_tokens:
-        raise DataError(f"example {example.id}: prompt of {len(prompt)} tokens leaves no room for an answer "
-                        f"within max_decoder_tokens={tc.max_decoder_tokens}")
+    if len(prompt) > tc.max_decoder_tokens // 2:
+        # an over-long question keeps its end (the part next to the answer) and half the decoder budget
+        prompt = prompt[-(tc.max_decoder_tokens // 2):]
     # the decoder sees prompt + answer[:-1] and predicts answer; keep the total within max_decoder_tokens + 1
     answer = answer[: tc.max_decoder_tokens + 1 - len(prompt)]
-    return {"chunks": chunks, "prompt": prompt, "answer": answer}
+    features = {"chunks": chunks, "prompt": prompt, "answer": answer}
+    if tc.kl_weight > 0:  # the teacher reads the same answer after the full-context prompt
+        features["teacher_prompt"] = codec.teacher_prompt_ids(example.chunks, example.question)
+    return features
 
 
 def collate(features: list[dict], tc) -> dict[str, np.ndarray]:
@@ -359,8 +362,26 @@ def collate(features: list[dict], tc) -> dict[str, np.ndarray]:
         tokens[i, :len(seq) - 1] = seq[:-1]
         targets[i, :len(seq) - 1] = seq[1:]
         loss_mask[i, len(f["prompt"]) - 1:len(seq) - 1] = 1.0  # positions whose target is an answer token
-    return {"chunk_tokens": chunk_tokens, "chunk_mask": chunk_mask, "tokens": tokens, "targets": targets,
-            "loss_mask": loss_mask}
+    batch = {"chunk_tokens": chunk_tokens, "chunk_mask": chunk_mask, "tokens": tokens, "targets": targets,
+             "loss_mask": loss_mask}
+    if "teacher_prompt" in features[0]:
+        batch.update(_teacher_arrays(features, td, tc))
+    return batch
+
+
+def _teacher_arrays(features: list[dict], td: int, tc) -> dict[str, np.ndarray]:
+    """teacher_tokens [B, S]: full-context prompt + answer; teacher_index [B, td]: for each student position
+    whose target is answer token j, the teacher position whose target is the same token (0 elsewhere)."""
+    buckets = sorted(set(tc.decoder_buckets) | set(tc.chunk_buckets))
+    s = _bucket(max(len(f["teacher_prompt"]) + len(f["answer"]) - 1 for f in features), buckets, "teacher sequence")
+    teacher_tokens = np.zeros((len(features), s), np.int32)
+    teacher_index = np.zeros((len(features), td), np.int32)
+    for i, f in enumerate(features):
+        seq = f["teacher_prompt"] + f["answer"]
+        teacher_tokens[i, :len(seq) - 1] = seq[:-1]
+        j = np.arange(len(f["answer"]))
+        teacher_index[i, len(f["prompt"]) - 1 + j] = len(f["teacher_prompt"]) - 1 + j
+    return {"teacher_tokens": teacher_tokens, "teacher_index": teacher_index}
 
 
 def train_dataset(examples: list[Example], codec: Codec, tc, seed: int):

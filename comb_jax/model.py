@@ -171,7 +171,7 @@ def cast(tree, dtype):
 # Encoder
 
 
-def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32) -> PICache:
+def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: bool = False) -> PICache:
     """Encode chunks independently. tokens, mask: [B, L] (one chunk per row) -> PICache [E, B, L, K, D].
 
     The embedding is the backbone's (frozen); attention is bidirectional under the key-padding mask.
@@ -190,6 +190,8 @@ def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32) -> PICache
         v = jnp.einsum("ble,ekd->blkd", x, v_proj)
         return x, (k, v)
 
+    if remat:  # training: recompute each block's activations in the backward pass
+        body = jax.checkpoint(body)
     _, (k, v) = jax.lax.scan(body, x, (enc["layers"], enc["k_proj"], enc["v_proj"]))
     return PICache(k, v, mask.astype(bool))
 

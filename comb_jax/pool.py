@@ -52,14 +52,6 @@ def fingerprint(encoder_params, embed, tokenizer_id: str = "") -> str:
     return h.hexdigest()
 
 
-def tokenizer_identity(tok) -> str:
-    """A string that changes when the tokenizer's vocabulary changes (None -> raw token ids)."""
-    if tok is None:
-        return "raw-ids"
-    vocab = sorted(tok.get_vocab().items())
-    return hashlib.sha256(repr(vocab).encode()).hexdigest()
-
-
 @dataclass
 class Entry:
     """One cached chunk. pages: pool page ids in token order; written: its K/V are in the pool."""

@@ -43,13 +43,14 @@ class TrainState(NamedTuple):
 # Loss
 
 
-def batch_picache(params, chunk_tokens, chunk_mask, cfg, dtype) -> PICache:
+def batch_picache(params, chunk_tokens, chunk_mask, cfg, dtype, remat: bool = False) -> PICache:
     """Encode every chunk on its own, then join each example's chunks along the context axis.
 
     chunk_tokens, chunk_mask [B, n, L] -> PICache with k, v [E, B, n * L, K, D] and mask [B, n * L].
     """
     b, n, length = chunk_tokens.shape
-    cache = encode(params, chunk_tokens.reshape(b * n, length), chunk_mask.reshape(b * n, length), cfg.model, dtype)
+    cache = encode(params, chunk_tokens.reshape(b * n, length), chunk_mask.reshape(b * n, length), cfg.model, dtype,
+                   remat)
     e, _, _, kv, d = cache.k.shape
     return PICache(cache.k.reshape(e, b, n * length, kv, d), cache.v.reshape(e, b, n * length, kv, d),
                    chunk_mask.reshape(b, n * length))
@@ -64,7 +65,7 @@ def loss_fn(comb, backbone, batch, cfg):
     """
     dtype = jnp.dtype(cfg.compute_dtype)
     params = {"backbone": backbone, "comb": comb}
-    picache = batch_picache(params, batch["chunk_tokens"], batch["chunk_mask"], cfg, dtype)
+    picache = batch_picache(params, batch["chunk_tokens"], batch["chunk_mask"], cfg, dtype, cfg.train.remat)
     hidden, _ = forward(params, batch["tokens"], cfg.model, picache, dtype=dtype, remat=cfg.train.remat)
     log_probs = jax.nn.log_softmax(lm_logits(params, hidden), axis=-1)
     mask = batch["loss_mask"]
@@ -156,7 +157,7 @@ def make_train_step(cfg, mesh, optimizer, example_batch):
         (_, metrics), grads = grad_fn(state.comb, jax.lax.stop_gradient(backbone), batch, cfg)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.comb)
         comb = optax.apply_updates(state.comb, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return TrainState(state.step + 1, comb, opt_state), metrics
 
     return jax.jit(step, in_shardings=(state_sh, backbone_sh, batch_shardings(example_batch, mesh)),
@@ -166,7 +167,8 @@ def make_train_step(cfg, mesh, optimizer, example_batch):
 def init_state(cfg, mesh, optimizer, comb) -> TrainState:
     """Place `comb` (host or device arrays) on the mesh and build its optimizer state there."""
     sh = state_shardings(cfg, mesh, optimizer)
-    comb = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(cfg.param_dtype)), comb), sh.comb)
+    # via host numpy: the step donates its state, so it must never alias the caller's arrays
+    comb = jax.device_put(jax.tree.map(lambda a: np.array(a, jnp.dtype(cfg.param_dtype)), comb), sh.comb)
     opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(comb)
     return TrainState(jax.device_put(jnp.zeros((), jnp.int32), sh.step), comb, opt_state)
 
@@ -193,7 +195,6 @@ def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_n
     total_loss = total_tokens = 0.0
     f1_gold, f1_target, samples = [], [], []
     for batch, real, part in data_lib.eval_batches(examples, codec, cfg.train):
-        batch = {k: v[:real] if False else v for k, v in batch.items()}
         _, metrics = loss_step(state.comb, backbone, batch)
         total_loss += float(metrics["ce"]) * float(metrics["answer_tokens"])
         total_tokens += float(metrics["answer_tokens"])
@@ -299,10 +300,12 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
         comb = init_comb(cfg, backbone_host, jax.random.key(tc.seed))
         state = init_state(cfg, mesh, optimizer, comb)
     else:
-        template = init_state(cfg, mesh, optimizer, jax.eval_shape(
-            lambda: init_comb(cfg, backbone_host, jax.random.key(tc.seed))) if False else
-            jax.tree.map(np.zeros_like, abstract_params(model_layout(cfg.model)["comb"])))
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), template)
+        sh = state_shardings(cfg, mesh, optimizer)
+        abstract_comb = abstract_params(model_layout(cfg.model)["comb"], jnp.dtype(cfg.param_dtype))
+        with_sharding = lambda tree, shardings: jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+        abstract = TrainState(None, with_sharding(abstract_comb, sh.comb),
+                              with_sharding(jax.eval_shape(optimizer.init, abstract_comb), sh.opt_state))
         comb, opt_state, step, data_state = ckpt.restore(manager, start, abstract.comb, abstract.opt_state)
         state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), replicated(mesh)), comb, opt_state)
         iterator.set_state(data_state)
@@ -342,7 +345,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                 if flops.get(shapes) and peak:
                     record["mfu"] = flops[shapes] / seconds / (peak * mesh.size)
                 eval_loss = None
-                if step % tc.eval_every == 0 or step == tc.steps:
+                if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
                     last_eval = evaluate(state, backbone, eval_ex, codec, cfg, loss_step,
                                          min(tc.teacher_max_tokens, tc.max_decoder_tokens))
                     eval_loss = last_eval["eval_loss"]

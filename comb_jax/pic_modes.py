@@ -1,0 +1,387 @@
+"""Ways of answering one request (prefix + chunks + question) on the same model, side by side (spec section 6).
+
+A request arrives as token ids (`Segments`): a fixed template `prefix`, the `chunks`, and a `suffix` holding
+the question and the assistant header. The decoder-side modes all put exactly `prefix + chunks + suffix` into
+the decoder's KV cache, slot for slot, and differ only in how the context slots get there:
+
+- "full": the whole prompt is prefilled, nothing is cached.
+- "prefix": exact prefix caching. The KV of every prefix ending at a chunk boundary is kept in a small
+  host-side LRU cache; a request reuses the longest cached prefix whose token ids are identical and prefills
+  the rest. Exact by construction.
+- "naive": every chunk's KV is computed by the decoder alone at positions 0..L-1 and cached per chunk; a
+  request concatenates them behind the (exactly cached) template prefix with no correction.
+- "rerotate": the same per-chunk cache, but the keys are rotated to the chunk's real position o. The stored
+  keys carry RoPE at chunk-local positions j, i.e. they are the pre-RoPE keys up to a fixed known rotation;
+  rotations compose (R(o) R(j) = R(o + j)), so rotating by o gives exactly the keys the chunk would have had
+  had it been computed alone at positions o..o+L-1.
+- "epic": "rerotate" plus recomputing the first `epic_k` tokens of every chunk with attention to everything
+  before them (EPIC / LegoLink: those tokens act as attention sinks when a chunk is computed alone).
+- "comb": each chunk is encoded by the Comb encoder into a PICache (cached per chunk), the PICaches are
+  concatenated, and only `comb_prompt` (the question alone, chat-templated) is prefilled through the cross
+  blocks. The context never enters the decoder's KV cache.
+
+Every mode returns an `Answer`: greedy tokens, time to first token, how many chunks were served from cache.
+The compute is a handful of jit-compiled pure functions over `model.forward` / `model.encode`; the caches are
+plain host-side dicts in `PicRunner`. Variable lengths are padded to power-of-two buckets (right padding is
+harmless to `forward`, see its docstring) so that few shapes compile.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from comb_jax.config import ModelConfig
+from comb_jax.decode import DecodeState, decode_loop
+from comb_jax.model import KVCache, PICache, apply_rope, encode, forward, init_kv_cache, lm_logits, rope_tables
+
+MODES = ("full", "prefix", "naive", "rerotate", "epic", "comb")
+DECODER_MODES = ("full", "prefix", "naive", "rerotate", "epic")  # the context sits in the decoder's KV cache
+
+
+@dataclass(frozen=True)
+class Segments:
+    """One request as token ids. The decoder-side prompt is prefix + chunks + suffix; Comb's is comb_prompt."""
+
+    prefix: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    suffix: tuple[int, ...]
+    comb_prompt: tuple[int, ...]
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        return self.prefix + sum(self.chunks, ())
+
+    @property
+    def full(self) -> tuple[int, ...]:
+        return self.context + self.suffix
+
+    def chunk_offsets(self) -> list[int]:
+        """Slot of each chunk's first token in the full prompt."""
+        offsets, at = [], len(self.prefix)
+        for c in self.chunks:
+            offsets.append(at)
+            at += len(c)
+        return offsets
+
+    def reordered(self, order) -> Segments:
+        return dataclasses.replace(self, chunks=tuple(self.chunks[i] for i in order))
+
+
+@dataclass
+class Answer:
+    tokens: list[int]  # generated ids, stop id excluded
+    ttft_s: float  # request start (ids on host) to first token id on host
+    total_s: float  # request start to the last generated token on host
+    chunk_hits: int  # chunks served from this mode's cache
+    num_chunks: int
+    kv_cache: KVCache | None = None  # decoder cache after the prompt prefill (decoder-side modes)
+    last_hidden: np.ndarray | None = None  # [embed] final-norm hidden state that predicts the first token
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _pad(ids, width: int) -> jax.Array:
+    out = np.zeros((1, width), np.int32)
+    out[0, :len(ids)] = ids
+    return jnp.asarray(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure compute (jit): each takes `cfg` (a hashable ModelConfig) and `dtype` as static arguments.
+
+
+@partial(jax.jit, static_argnames=("cfg", "dtype"))
+def extend(params, cache: KVCache, tokens, num_real, *, cfg: ModelConfig, dtype=jnp.float32):
+    """Append tokens [1, T] (first `num_real` real) at the cache's length.
+
+    Returns (hidden [1, T, embed], cache advanced by num_real, float32 logits [1, vocab] of the last real token).
+    """
+    hidden, cache = forward(params, tokens, cfg, None, cache, jnp.reshape(num_real, (1,)), dtype)
+    last = jax.lax.dynamic_slice_in_dim(hidden, num_real - 1, 1, axis=1)
+    return hidden, cache, lm_logits(params, last)[:, 0]
+
+
+@partial(jax.jit, static_argnames=("cfg", "slots", "dtype"))
+def comb_prefill(params, picache: PICache, tokens, num_real, *, cfg: ModelConfig, slots: int, dtype=jnp.float32):
+    """Prefill the Comb prompt [1, T] reading `picache`; returns (hidden, cache, last-token logits [1, vocab])."""
+    cache = init_kv_cache(cfg, 1, slots, dtype)
+    hidden, cache = forward(params, tokens, cfg, picache, cache, jnp.reshape(num_real, (1,)), dtype)
+    last = jax.lax.dynamic_slice_in_dim(hidden, num_real - 1, 1, axis=1)
+    return hidden, cache, lm_logits(params, last)[:, 0]
+
+
+@partial(jax.jit, static_argnames=("cfg", "dtype"))
+def chunk_kv(params, tokens, num_real, *, cfg: ModelConfig, dtype=jnp.float32):
+    """The decoder's own KV of tokens [1, L] computed alone at positions 0..L-1 -> k, v [N, L, K, D]."""
+    cache = init_kv_cache(cfg, 1, tokens.shape[1], dtype)
+    _, cache = forward(params, tokens, cfg, None, cache, jnp.reshape(num_real, (1,)), dtype)
+    return cache.k[:, 0], cache.v[:, 0]
+
+
+@partial(jax.jit, static_argnames=("cfg", "dtype"))
+def encode_chunk(params, tokens, num_real, *, cfg: ModelConfig, dtype=jnp.float32):
+    """Comb encoder on one chunk [1, L] -> k, v [E, L, K, D] (padding past num_real is masked)."""
+    mask = jnp.arange(tokens.shape[1])[None, :] < num_real
+    picache = encode(params, tokens, mask, cfg, dtype)
+    return picache.k[:, 0], picache.v[:, 0]
+
+
+@partial(jax.jit, static_argnames=("cfg", "slots"))
+def assemble(keys, values, shift, length, *, cfg: ModelConfig, slots: int) -> KVCache:
+    """Context KV [N, S, K, D] -> a one-row KVCache of `slots` slots holding it, with `length` tokens written.
+
+    Key s is rotated by RoPE through `shift[s]` positions (0 leaves it unchanged: cos 0 = 1, sin 0 = 0).
+    """
+    cos, sin = rope_tables(cfg, shift[None, :])
+    keys = apply_rope(keys, cos, sin)
+    pad = ((0, 0), (0, slots - keys.shape[1]), (0, 0), (0, 0))
+    return KVCache(jnp.pad(keys, pad)[:, None], jnp.pad(values, pad)[:, None], jnp.reshape(length, (1,)))
+
+
+@partial(jax.jit, static_argnames=("cfg", "dtype"))
+def last_layer_attention(params, cache: KVCache, tokens, start, *, cfg: ModelConfig, dtype=jnp.float32):
+    """Attention probabilities [T, H, M] of tokens [1, T] at slots start.. in the decoder's last layer.
+
+    `cache` must already hold every slot the tokens see (e.g. the cache right after their prefill). The last
+    layer's normalised input is `forward` over the first N-1 layers with the final norm swapped for the last
+    layer's attention norm; its queries then attend over the cache's last-layer keys, causally.
+    """
+    n = cfg.num_layers
+    bb = params["backbone"]
+    last = jax.tree.map(lambda a: a[n - 1], bb["layers"])
+    head = {"embed": bb["embed"], "layers": jax.tree.map(lambda a: a[: n - 1], bb["layers"]),
+            "final_norm": last["attn_norm"]}
+    head_cfg = dataclasses.replace(cfg, num_layers=n - 1, num_cross_layers=1)
+    head_cache = KVCache(cache.k[: n - 1], cache.v[: n - 1], jnp.reshape(start, (1,)))
+    h, _ = forward({"backbone": head}, tokens, head_cfg, None, head_cache, None, dtype)
+    positions = start + jnp.arange(tokens.shape[1])[None, :]
+    cos, sin = rope_tables(cfg, positions)
+    q = apply_rope(jnp.einsum("bte,ehd->bthd", h, last["wq"].astype(dtype)), cos, sin)
+    keys = cache.k[n - 1].astype(dtype)  # [1, M, K, D]
+    group = cfg.num_heads // cfg.num_kv_heads
+    logits = jnp.einsum("bthd,bmhd->bthm", q, jnp.repeat(keys, group, axis=2),
+                        preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
+    visible = jnp.arange(keys.shape[1])[None, None, None, :] <= positions[:, :, None, None]
+    return jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side: per-mode caches, assembly, timing
+
+
+class PicRunner:
+    """Answers requests in any mode on one model. Each mode has its own caches (`reset()` empties them).
+
+    params: {"backbone", "comb"}; stop_ids end generation; epic_k: tokens recomputed at the start of each chunk
+    in "epic"; prefix_entries: capacity of the exact prefix cache (LRU, in requests).
+    """
+
+    def __init__(self, params, cfg: ModelConfig, *, stop_ids=(), max_new_tokens: int = 32, epic_k: int = 16,
+                 dtype=jnp.float32, prefix_entries: int = 16):
+        if epic_k < 1:
+            raise ValueError(f"epic_k must be >= 1, got {epic_k}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.params, self.cfg, self.dtype = params, cfg, dtype
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        self.max_new_tokens, self.epic_k, self.prefix_entries = max_new_tokens, epic_k, prefix_entries
+        self.reset()
+
+    def reset(self):
+        # prefix mode: token-id prefix at a chunk boundary -> (k, v [N, P_entry, K, D] numpy, entry id)
+        self.prefix_cache: collections.OrderedDict = collections.OrderedDict()
+        # naive / rerotate / epic: (mode, ids) -> (k, v [N, L, K, D]); comb: ids -> (k, v [E, L, K, D])
+        self.chunk_cache: dict = {}
+
+    def cache_bytes_per_token(self, mode: str) -> float:
+        """Bytes this mode keeps per cached context token, measured on what its caches hold now (0 if empty)."""
+        if mode == "prefix":
+            entries = {entry_id: (k, v) for k, v, entry_id in self.prefix_cache.values()}.values()
+        elif mode in ("naive", "rerotate", "epic", "comb"):
+            entries = [kv for key, kv in self.chunk_cache.items() if key[0] == mode]  # template prefix included
+        else:
+            return 0.0
+        tokens = sum(k.shape[1] for k, _ in entries)
+        return sum(k.nbytes + v.nbytes for k, v in entries) / tokens if tokens else 0.0
+
+    def answer(self, mode: str, seg: Segments) -> Answer:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+        if not seg.suffix or not seg.comb_prompt:
+            raise ValueError("a request needs a non-empty suffix (question) and comb_prompt")
+        return getattr(self, f"_{mode}")(seg)
+
+    # -- shared pieces -----------------------------------------------------------------------------------
+
+    def _slots(self, prompt_len: int) -> int:
+        return bucket(prompt_len + self.max_new_tokens, 64)
+
+    def _prefill_rest(self, cache: KVCache, ids) -> tuple:
+        """Prefill `ids` behind what `cache` holds; returns (hidden of the last real token, cache, logits)."""
+        hidden, cache, logits = extend(self.params, cache, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)),
+                                       cfg=self.cfg, dtype=self.dtype)
+        return hidden[0, len(ids) - 1], cache, logits
+
+    def _finish(self, start, cache, logits, last_hidden, picache, hits, num_chunks, keep_cache) -> Answer:
+        """Sample the first token (TTFT), then run the jit-compiled decode loop."""
+        first = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # greedy, as decode.sample at temperature 0
+        int(first[0])  # the first token id is on the host
+        ttft = time.perf_counter() - start
+        rng = jax.random.key(0)
+        greedy = (jnp.zeros((1,), jnp.float32), jnp.ones((1,), jnp.float32))
+        last_hidden = np.asarray(last_hidden)
+        prefill_cache = cache if keep_cache else None
+        if keep_cache:  # decode_loop donates its state: keep our own copy of the prompt's cache
+            cache = jax.tree.map(jnp.copy, cache)
+        tokens = jnp.zeros((1, self.max_new_tokens), jnp.int32).at[:, 0].set(first)
+        done = jnp.isin(first, jnp.asarray(self.stop_ids, jnp.int32))
+        state = DecodeState(cache, first, tokens, jnp.ones((1,), jnp.int32), done, rng)
+        state = decode_loop(self.params, state, picache, jnp.full((1,), self.max_new_tokens, jnp.int32), *greedy,
+                            cfg=self.cfg, stop_ids=self.stop_ids, dtype=self.dtype)
+        out = np.asarray(state.tokens[0, : int(state.num_generated[0])]).tolist()
+        total = time.perf_counter() - start
+        if out and out[-1] in self.stop_ids:
+            out = out[:-1]
+        return Answer(out, ttft, total, hits, num_chunks, prefill_cache, last_hidden)
+
+    def _chunk_entry(self, key, ids, compute):
+        """(k, v, hit) for a cached chunk; computes and stores it on a miss. Equality is on the ids themselves."""
+        if key in self.chunk_cache:
+            k, v = self.chunk_cache[key]
+            return k, v, True
+        k, v = compute(self.params, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)), cfg=self.cfg, dtype=self.dtype)
+        k, v = np.asarray(k[:, : len(ids)]), np.asarray(v[:, : len(ids)])
+        self.chunk_cache[key] = (k, v)
+        return k, v, False
+
+    # -- modes -------------------------------------------------------------------------------------------
+
+    def _full(self, seg: Segments) -> Answer:
+        start = time.perf_counter()
+        cache = init_kv_cache(self.cfg, 1, self._slots(len(seg.full)), self.dtype)
+        hidden, cache, logits = self._prefill_rest(cache, seg.full)
+        return self._finish(start, cache, logits, hidden, None, 0, len(seg.chunks), True)
+
+    def _prefix(self, seg: Segments) -> Answer:
+        start = time.perf_counter()
+        bounds = [len(seg.prefix) + sum(len(c) for c in seg.chunks[:i]) for i in range(len(seg.chunks) + 1)]
+        full, context = seg.full, seg.context
+        cache = init_kv_cache(self.cfg, 1, self._slots(len(full)), self.dtype)
+        reused, hits = 0, 0
+        for i in range(len(bounds) - 1, -1, -1):  # longest cached prefix first
+            key = context[: bounds[i]]
+            if key in self.prefix_cache:
+                self.prefix_cache.move_to_end(key)
+                k, v, _ = self.prefix_cache[key]
+                reused, hits = bounds[i], i
+                n = reused
+                cache = KVCache(cache.k.at[:, 0, :n].set(k[:, :n]), cache.v.at[:, 0, :n].set(v[:, :n]),
+                                jnp.full((1,), n, jnp.int32))
+                break
+        hidden, cache, logits = self._prefill_rest(cache, full[reused:])
+        answer = self._finish(start, cache, logits, hidden, None, hits, len(seg.chunks), True)
+        if reused < len(context):  # store the context's KV once, reachable from every chunk boundary
+            k = np.asarray(cache.k[:, 0, : len(context)])
+            v = np.asarray(cache.v[:, 0, : len(context)])
+            for b in bounds:
+                self.prefix_cache[context[:b]] = (k, v, id(k))
+                self.prefix_cache.move_to_end(context[:b])
+            while len({e for _, _, e in self.prefix_cache.values()}) > self.prefix_entries:
+                self.prefix_cache.popitem(last=False)
+        return answer
+
+    def _chunk_reuse(self, seg: Segments, mode: str) -> Answer:
+        """naive / rerotate / epic: per-chunk decoder KV computed alone, placed behind the template prefix."""
+        start = time.perf_counter()
+        keys, values, shift, hits = [], [], [], 0
+        if seg.prefix:  # the template prefix always sits at position 0: its cached KV is exact
+            prefix_k, prefix_v, _ = self._chunk_entry((mode, "prefix", seg.prefix), seg.prefix, chunk_kv)
+            keys, values, shift = [prefix_k], [prefix_v], [np.zeros(len(seg.prefix), np.int32)]
+        offsets = seg.chunk_offsets()
+        for ids, offset in zip(seg.chunks, offsets):
+            k, v, hit = self._chunk_entry((mode, ids), ids, chunk_kv)
+            hits += hit
+            keys.append(k)
+            values.append(v)
+            shift.append(np.full(len(ids), 0 if mode == "naive" else offset, np.int32))
+        length = len(seg.context)
+        width = bucket(length)
+        pad = ((0, 0), (0, width - length), (0, 0), (0, 0))
+        cache = assemble(jnp.asarray(np.pad(np.concatenate(keys, 1), pad)),
+                         jnp.asarray(np.pad(np.concatenate(values, 1), pad)),
+                         jnp.asarray(np.pad(np.concatenate(shift), (0, width - length))), jnp.int32(length),
+                         cfg=self.cfg, slots=self._slots(len(seg.full)))
+        if mode == "epic":  # recompute each chunk's first tokens in place, in order, seeing all before them
+            for ids, offset in zip(seg.chunks, offsets):
+                head = ids[: self.epic_k]  # exact length: padding would overwrite the chunk's later slots
+                cache = KVCache(cache.k, cache.v, jnp.full((1,), offset, jnp.int32))
+                _, cache, _ = extend(self.params, cache, jnp.asarray([head], jnp.int32), jnp.int32(len(head)),
+                                     cfg=self.cfg, dtype=self.dtype)
+            cache = KVCache(cache.k, cache.v, jnp.full((1,), length, jnp.int32))
+        hidden, cache, logits = self._prefill_rest(cache, seg.suffix)
+        return self._finish(start, cache, logits, hidden, None, hits, len(seg.chunks), True)
+
+    def _naive(self, seg: Segments) -> Answer:
+        return self._chunk_reuse(seg, "naive")
+
+    def _rerotate(self, seg: Segments) -> Answer:
+        return self._chunk_reuse(seg, "rerotate")
+
+    def _epic(self, seg: Segments) -> Answer:
+        return self._chunk_reuse(seg, "epic")
+
+    def _comb(self, seg: Segments) -> Answer:
+        start = time.perf_counter()
+        keys, values, hits = [], [], 0
+        for ids in seg.chunks:
+            k, v, hit = self._chunk_entry(("comb", ids), ids, encode_chunk)
+            hits += hit
+            keys.append(k)
+            values.append(v)
+        length = sum(len(c) for c in seg.chunks)
+        picache = None  # no chunks: the plain backbone
+        if length:
+            width = bucket(length)
+            pad = ((0, 0), (0, width - length), (0, 0), (0, 0))
+            picache = PICache(jnp.asarray(np.pad(np.concatenate(keys, 1), pad))[:, None],
+                              jnp.asarray(np.pad(np.concatenate(values, 1), pad))[:, None],
+                              jnp.asarray(np.arange(width) < length)[None])
+        prompt = seg.comb_prompt
+        hidden, cache, logits = comb_prefill(self.params, picache, _pad(prompt, bucket(len(prompt))),
+                                             jnp.int32(len(prompt)), cfg=self.cfg, slots=self._slots(len(prompt)),
+                                             dtype=self.dtype)
+        return self._finish(start, cache, logits, hidden[0, len(prompt) - 1], picache, hits, len(seg.chunks),
+                            False)
+
+
+def context_attention(runner: PicRunner, seg: Segments, answer: Answer) -> np.ndarray:
+    """Last-layer attention [question tokens, heads, context slots] of the suffix over the context (template
+    prefix + chunks), under the decoder cache `answer` left behind. Decoder-side modes only."""
+    if answer.kv_cache is None:
+        raise ValueError("context attention needs the answer's decoder cache (decoder-side modes)")
+    start, n = len(seg.context), len(seg.suffix)
+    probs = last_layer_attention(runner.params, answer.kv_cache, _pad(seg.suffix, bucket(n)), jnp.int32(start),
+                                 cfg=runner.cfg, dtype=runner.dtype)
+    return np.asarray(probs[:n, :, :start], np.float64)
+
+
+def attention_similarity(attn: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over question tokens and heads of the cosine similarity of two `context_attention`s.
+
+    1.0 means the question reads the context exactly as it does with the full prompt (`reference`).
+    """
+    if attn.shape != reference.shape:
+        raise ValueError(f"attention shapes differ: {attn.shape} vs {reference.shape}")
+    norms = np.linalg.norm(attn, axis=-1) * np.linalg.norm(reference, axis=-1)
+    return float(((attn * reference).sum(-1) / np.maximum(norms, 1e-30)).mean())

@@ -1,0 +1,112 @@
+"""Training: sharded step == single-device step, frozen backbone untouched, overfitting, warm start."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from comb_jax import data as D
+from comb_jax import training as T
+from comb_jax.config import MeshConfig, apply_overrides
+from comb_jax.layout import count_params
+from comb_jax.model import forward
+from comb_jax.sharding import make_mesh
+from comb_jax.warm_start import init_comb
+from train_helpers import toy_cfg, toy_examples
+
+
+def _run_steps(cfg, mesh, params, batches):
+    optimizer = T.make_optimizer(cfg.train)
+    state = T.init_state(cfg, mesh, optimizer, params["comb"])
+    backbone = T.place_backbone(cfg, mesh, params["backbone"])
+    step = T.make_train_step(cfg, mesh, optimizer, batches[0])
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, backbone, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.tree.map(np.asarray, state.comb), state, backbone
+
+
+def test_sharded_steps_match_one_device_and_backbone_stays_frozen(tiny_cfg, tiny_params):
+    cfg = toy_cfg(tiny_cfg, "batch_size=8", "learning_rate=1e-2")
+    it = D.train_iterator(toy_examples(16), D.Codec(None), cfg.train)
+    batches = [next(it) for _ in range(2)]
+    one = make_mesh(MeshConfig(1, 1, 1))
+    many = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert many.size == 8
+    params = jax.tree.map(np.asarray, tiny_params)
+    backbone_before = jax.tree.map(np.copy, params["backbone"])
+    loss1, comb1, _, _ = _run_steps(cfg, one, params, batches)
+    loss8, comb8, state8, backbone8 = _run_steps(cfg, many, params, batches)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), comb1, params["comb"])
+    assert all(jax.tree.leaves(changed)), "every trainable tensor should move"
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), comb8, comb1)
+    # the frozen backbone: bit-identical afterwards, and no optimizer state was ever made for it
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), backbone8, backbone_before)
+    n_comb = count_params(params["comb"])
+    assert count_params(state8.opt_state) == 2 * n_comb + 2  # AdamW mu, nu + two step counters
+    assert state8.comb["encoder"]["layers"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+
+def test_tiny_model_overfits_a_handful_of_examples(tiny_cfg, tiny_params):
+    cfg = toy_cfg(tiny_cfg, "batch_size=4", "learning_rate=1e-2", "warmup_steps=5", "mesh.data=1")
+    mesh = make_mesh(cfg.mesh)
+    it = D.train_iterator(toy_examples(4), D.Codec(None), cfg.train)
+    batch = next(it)  # all four examples
+    optimizer = T.make_optimizer(cfg.train)
+    state = T.init_state(cfg, mesh, optimizer, tiny_params["comb"])
+    # With N(0, 0.02) tied embeddings the frozen random head caps |logits| near 1 (loss >= ~4.3 whatever Comb
+    # does); an embedding of std 1 gives the head the range a trained LM has.
+    backbone = dict(tiny_params["backbone"], embed=np.asarray(tiny_params["backbone"]["embed"]) * 50)
+    backbone = T.place_backbone(cfg, mesh, backbone)
+    step = T.make_train_step(cfg, mesh, optimizer, batch)
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, backbone, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_warm_start_copies_decoder_layers_and_keeps_the_backbone_function(tiny_cfg, tiny_params):
+    cfg = apply_overrides(tiny_cfg, ["init=warm"])
+    comb = init_comb(cfg, tiny_params["backbone"], jax.random.key(3))
+    layers = tiny_params["backbone"]["layers"]
+    for k, c in enumerate(cfg.model.cross_layers):  # c = [1, 3] for 4 layers and 2 cross blocks
+        for name in layers:
+            np.testing.assert_array_equal(comb["encoder"]["layers"][name][k], layers[name][c])
+        np.testing.assert_array_equal(comb["encoder"]["k_proj"][k], layers["wk"][c])
+        np.testing.assert_array_equal(comb["encoder"]["v_proj"][k], layers["wv"][c])
+        np.testing.assert_array_equal(comb["cross"]["wq"][k], layers["wq"][c])
+        np.testing.assert_array_equal(comb["cross"]["wo"][k], layers["wo"][c])
+    assert not np.any(comb["cross"]["gate_attn"]) and not np.any(comb["cross"]["gate_mlp"])
+    # gates at 0: the model with a PICache is exactly the backbone
+    params = {"backbone": tiny_params["backbone"], "comb": comb}
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    chunks = jnp.arange(2 * 2 * 8, dtype=jnp.int32).reshape(2, 2, 8) % 200
+    picache = T.batch_picache(params, chunks, jnp.ones(chunks.shape, bool), cfg, jnp.float32)
+    with_ctx, _ = forward(params, tokens, cfg.model, picache)
+    without, _ = forward(params, tokens, cfg.model)
+    np.testing.assert_array_equal(np.asarray(with_ctx), np.asarray(without))
+
+
+def test_batch_picache_is_per_chunk_encoding_concatenated(tiny_cfg, tiny_params):
+    from comb_jax.model import concat_picaches, encode
+
+    chunks = (jnp.arange(2 * 3 * 8, dtype=jnp.int32).reshape(2, 3, 8) * 7) % 256
+    mask = jnp.arange(8)[None, None, :] < jnp.array([[8, 5, 3], [2, 8, 6]])[..., None]
+    joined = T.batch_picache(tiny_params, chunks, mask, tiny_cfg, jnp.float32)
+    parts = [encode(tiny_params, chunks[:, j], mask[:, j], tiny_cfg.model) for j in range(3)]
+    expected = concat_picaches(parts)
+    for a, b in zip(joined, expected):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_cfg, tiny_params, tmp_path):
+    import pytest
+
+    cfg = toy_cfg(tiny_cfg, "batch_size=4", "mesh.data=1", "steps=2", "checkpoint_every=1", f"run_dir={tmp_path}")
+    backbone = dict(tiny_params["backbone"])
+    backbone["final_norm"] = np.full_like(np.asarray(backbone["final_norm"]), np.nan)
+    with pytest.raises(T.TrainingDiverged, match="loss is nan at step 1"):
+        T.train(cfg, progress=False, backbone=backbone, examples=(toy_examples(8), []))
+    assert not (tmp_path / "checkpoints" / "1").exists()
