@@ -223,7 +223,8 @@ def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_n
 
 def real_tokens(batch) -> int:
     """Non-padding tokens in a batch: chunk tokens plus decoder tokens up to the last answer target."""
-    last = np.where(batch["loss_mask"].any(1), batch["loss_mask"].shape[1] - np.argmax(batch["loss_mask"][:, ::-1], 1), 0)
+    mask = batch["loss_mask"]
+    last = np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1], 1), 0)
     return int(batch["chunk_mask"].sum() + last.sum())
 
 

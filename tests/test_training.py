@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from train_helpers import toy_cfg, toy_examples
 
 from comb_jax import data as D
 from comb_jax import training as T
@@ -11,7 +12,6 @@ from comb_jax.layout import count_params
 from comb_jax.model import forward
 from comb_jax.sharding import make_mesh
 from comb_jax.warm_start import init_comb
-from train_helpers import toy_cfg, toy_examples
 
 
 def _run_steps(cfg, mesh, params, batches):

@@ -1,0 +1,84 @@
+"""Train-step throughput (tokens/s, and MFU where the device's peak FLOP/s is known) on random weights.
+
+    python bench/train_throughput.py [--configs tiny_comb smollm2_comb] [--steps 5] [--batch 4] [--out FILE]
+
+Tokens per step count every chunk and decoder position of the fixed-shape batch (n chunks x chunk_len +
+decoder_len per row); FLOPs per step come from XLA's cost analysis of the compiled step.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from comb_jax import training as T
+from comb_jax.config import load_config
+from comb_jax.layout import count_params, init_params, model_layout
+from comb_jax.sharding import make_mesh
+
+
+def synthetic_batch(batch, chunks, chunk_len, decoder_len, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((batch, decoder_len), np.float32)
+    mask[:, decoder_len // 2:] = 1.0  # the second half are answer tokens
+    return {"chunk_tokens": rng.integers(1, vocab, (batch, chunks, chunk_len), dtype=np.int32),
+            "chunk_mask": np.ones((batch, chunks, chunk_len), bool),
+            "tokens": rng.integers(1, vocab, (batch, decoder_len), dtype=np.int32),
+            "targets": rng.integers(1, vocab, (batch, decoder_len), dtype=np.int32), "loss_mask": mask}
+
+
+def bench(name, steps, batch_size, overrides):
+    cfg = load_config(name, ["weights.source=random", f"batch_size={batch_size}", *overrides])
+    mesh = make_mesh(cfg.mesh)
+    tc = cfg.train
+    lc, td = tc.chunk_buckets[min(1, len(tc.chunk_buckets) - 1)], tc.decoder_buckets[-1]
+    batch = synthetic_batch(tc.batch_size, 1 + tc.num_distractors, lc, td, cfg.model.vocab_size)
+    params = init_params(model_layout(cfg.model), jax.random.key(0))
+    optimizer = T.make_optimizer(tc)
+    state = T.init_state(cfg, mesh, optimizer, params["comb"])
+    backbone = T.place_backbone(cfg, mesh, params["backbone"])
+    step = T.make_train_step(cfg, mesh, optimizer, batch)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, backbone, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, m = step(state, backbone, batch)  # warm-up
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, backbone, batch)
+    jax.block_until_ready(m)
+    seconds = (time.perf_counter() - t0) / steps
+    tokens = batch["chunk_tokens"].size + batch["tokens"].size
+    flops = T.step_flops(compiled)
+    peak = T.peak_flops(jax.devices()[0])
+    return {"config": name, "device": jax.devices()[0].device_kind, "devices": mesh.size,
+            "batch": {k: list(v.shape) for k, v in batch.items() if k in ("chunk_tokens", "tokens")},
+            "compute_dtype": cfg.compute_dtype, "trainable_params": count_params(params["comb"]),
+            "compile_s": round(compile_s, 1), "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "flops_per_step": flops, "tflops_per_s": flops / seconds / 1e12 if flops else None,
+            "mfu": flops / seconds / (peak * mesh.size) if flops and peak else None}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=["tiny_comb", "smollm2_comb"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--out", default="bench/train_throughput.json")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every config (e.g. compute_dtype=bfloat16)")
+    args = p.parse_args()
+    rows = [bench(name, args.steps, args.batch, args.overrides) for name in args.configs]
+    print(f"{'config':14} {'device':22} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    for r in rows:
+        tf = f"{r['tflops_per_s']:.3f}" if r["tflops_per_s"] else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        print(f"{r['config']:14} {r['device'][:22]:22} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {tf:>8} {mfu:>6}")
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Checkpoints: exact resume after a kill, restore_comb_params round trip, clear errors for bad checkpoints."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import toy_cfg, toy_examples
+
+from comb_jax import training as T
+from comb_jax.checkpoint import CheckpointError, restore_comb_params
+
+
+def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path):
+    def cfg_for(name):
+        return toy_cfg(tiny_cfg, "batch_size=4", "mesh.data=1", "steps=5", "checkpoint_every=2", "keep_checkpoints=2",
+                       "learning_rate=1e-2", f"run_dir={tmp_path / name}")
+
+    examples = (toy_examples(12), [])
+    backbone = jax.tree.map(np.asarray, tiny_params["backbone"])
+    full = T.train(cfg_for("full"), progress=False, backbone=backbone, examples=examples)
+    # killed after step 3: the last checkpoint is step 2, so steps 3..5 are replayed from it
+    T.train(cfg_for("killed"), progress=False, backbone=backbone, examples=examples, stop_after=3)
+    resumed = T.train(cfg_for("killed"), resume=True, progress=False, backbone=backbone, examples=examples)
+    assert resumed["start_step"] == 2 and resumed["end_step"] == 5
+    assert resumed["losses"] == full["losses"][2:]  # bit-identical losses
+
+    # keep_checkpoints=2: steps 4 and 5 remain
+    run = tmp_path / "full"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "5"]
+    # restore_comb_params round trip: run dir (latest, no eval metrics) and one step dir
+    final = jax.tree.map(np.asarray, full["state"].comb)
+    for where in (run, run / "checkpoints" / "5"):
+        restored = restore_comb_params(str(where), tiny_cfg)
+        jax.tree.map(np.testing.assert_array_equal, restored, final)
+        assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(restored))
+
+    # an existing run without --resume is refused
+    with pytest.raises(FileExistsError, match="--resume"):
+        T.train(cfg_for("full"), progress=False, backbone=backbone, examples=examples)
+
+    # corrupt: a truncated array file in the step's comb item
+    bad = tmp_path / "bad"
+    shutil.copytree(run / "checkpoints" / "5", bad)
+    for f in (bad / "comb").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match=str(bad / "comb")):
+        restore_comb_params(str(bad), tiny_cfg)
+
+
+def test_missing_checkpoints_raise_naming_the_path(tiny_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        restore_comb_params(str(tmp_path / "nowhere"), tiny_cfg)
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint steps"):
+        restore_comb_params(str(tmp_path / "empty_run"), tiny_cfg)
