@@ -66,7 +66,7 @@ def main():
     p.add_argument("--configs", nargs="+", default=["tiny_comb", "smollm2_comb"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--out", default="bench/train_throughput.json")
+    p.add_argument("--out", default="bench/results/train_throughput_cpu.json")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every config (e.g. compute_dtype=bfloat16)")
     args = p.parse_args()
     rows = [bench(name, args.steps, args.batch, args.overrides) for name in args.configs]

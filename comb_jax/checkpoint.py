@@ -84,7 +84,7 @@ def _step_dirs(root: Path) -> list[int]:
 
 def _resolve_step_dir(checkpoint_dir: str | Path, prefer: str) -> Path:
     """A single step dir from a run dir, a checkpoints dir or a step dir (best by eval loss, else latest)."""
-    path = Path(checkpoint_dir)
+    path = Path(checkpoint_dir).resolve()  # Orbax wants absolute paths; users pass relative ones
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if (path / "comb").is_dir():

@@ -143,7 +143,9 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
     """Run every mode over both passes; returns {"modes": {mode: summary}, ...} (see the module docstring)."""
     from tqdm import tqdm
 
-    score = (lambda pred, e: qa_f1(pred, list(e.golds))) if metric == "f1" else (lambda pred, e: rouge_l(pred, e.golds[0]))
+    def score(pred: str, golds) -> float:
+        return qa_f1(pred, list(golds)) if metric == "f1" else rouge_l(pred, golds[0])
+
     rng = np.random.default_rng(seed)
     requests = []
     for e in examples:
@@ -170,16 +172,18 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
                     before = _compiles[0]
                     answer = runner.answer(mode, seg)
                     text = codec.decode(answer.tokens).strip()
-                    row = {"mode": mode, "id": e.id, "pass": p, "answer": text, "score": score(text, e),
+                    row = {"mode": mode, "id": e.id, "pass": p, "answer": text, "score": score(text, e.golds),
                            "ttft_s": answer.ttft_s, "total_s": answer.total_s, "new_tokens": len(answer.tokens),
                            "chunk_hits": answer.chunk_hits, "num_chunks": answer.num_chunks,
                            "context_tokens": len(seg.context), "compiled": _compiles[0] != before}
                     attn = context_attention(runner, seg, answer) if mode in DECODER_MODES and "full" in modes else None
                     answer.kv_cache = None
                     if mode == "full":
-                        reference[e.id, p] = (answer.tokens, answer.last_hidden, attn)
+                        reference[e.id, p] = (answer.tokens, text, answer.last_hidden, attn)
                     if (e.id, p) in reference:
-                        ref_tokens, ref_hidden, ref_attn = reference[e.id, p]
+                        ref_tokens, ref_text, ref_hidden, ref_attn = reference[e.id, p]
+                        # the metric with the full prompt's answer as the gold: agreement with the teacher
+                        row["score_vs_full"] = score(text, [ref_text])
                         h = answer.last_hidden
                         row["hidden_cos"] = float(h @ ref_hidden / max(np.linalg.norm(h) * np.linalg.norm(ref_hidden), 1e-30))
                         row["same_answer"] = answer.tokens == ref_tokens
@@ -198,6 +202,7 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
             summary[mode] = {
                 "score_original": _mean([r["score"] for r in per_pass["original"]]),
                 "score_shuffled": _mean([r["score"] for r in per_pass["shuffled"]]),
+                "score_vs_full": _mean([r["score_vs_full"] for r in rows if "score_vs_full" in r]),
                 "ttft_hit_ms": _median_ms(hit), "ttft_miss_ms": _median_ms(miss),
                 "timed_hits": len(hit), "timed_misses": len(miss), "untimed_compiling": len(rows) - len(timed),
                 "hit_rate_original": round(sum(r["chunk_hits"] for r in per_pass["original"])
@@ -225,6 +230,7 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
 
 COLUMNS = [  # (key, header)
     ("score_original", "{metric} (original order)"), ("score_shuffled", "{metric} (shuffled)"),
+    ("score_vs_full", "{metric} vs full's answer"),
     ("ttft_hit_ms", "TTFT hit ms"), ("ttft_miss_ms", "TTFT miss ms"), ("hit_rate_shuffled", "hit rate shuffled"),
     ("cache_bytes_per_token", "cache B/token"), ("decoder_kv_bytes_per_context_token", "decoder KV B/ctx token"),
     ("attn_sim", "attn sim"), ("hidden_cos", "hidden cos"), ("same_answer", "same answer as full"),

@@ -11,7 +11,7 @@ from comb_jax import training as T
 from comb_jax.checkpoint import CheckpointError, restore_comb_params
 
 
-def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path):
+def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path, monkeypatch):
     def cfg_for(name):
         return toy_cfg(tiny_cfg, "batch_size=4", "mesh.data=1", "steps=5", "checkpoint_every=2", "keep_checkpoints=2",
                        "learning_rate=1e-2", f"run_dir={tmp_path / name}")
@@ -28,9 +28,10 @@ def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path):
     # keep_checkpoints=2: steps 4 and 5 remain
     run = tmp_path / "full"
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "5"]
-    # restore_comb_params round trip: run dir (latest, no eval metrics) and one step dir
+    # restore_comb_params round trip: run dir (latest, no eval metrics), one step dir, a relative run dir
     final = jax.tree.map(np.asarray, full["state"].comb)
-    for where in (run, run / "checkpoints" / "5"):
+    monkeypatch.chdir(tmp_path)
+    for where in (run, run / "checkpoints" / "5", "full"):
         restored = restore_comb_params(str(where), tiny_cfg)
         jax.tree.map(np.testing.assert_array_equal, restored, final)
         assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(restored))

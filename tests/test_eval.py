@@ -6,6 +6,7 @@ import pytest
 
 from comb_jax.data import Codec
 from comb_jax.eval import build_segments, main, shuffled_order
+from comb_jax.metrics import normalize_answer
 from comb_jax.pic_modes import MODES
 
 CHUNKS = ["Mira keeps her bicycle in the blue shed.", "The red shed holds garden tools.",
@@ -65,6 +66,10 @@ def test_every_mode_end_to_end_on_tiny(tmp_path):
     assert s["comb"]["decoder_kv_bytes_per_context_token"] == 0
     requests = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     assert len(requests) == len(MODES) * 2 * 2  # two passes over two requests
+    for r in requests:  # F1 against the full prompt's own answer: 1 for full itself (0 if it normalises to nothing)
+        if r["mode"] in ("full", "prefix"):
+            assert r["score_vs_full"] == (1.0 if normalize_answer(r["answer"]) else 0.0)
+        assert 0.0 <= r["score_vs_full"] <= 1.0
     table = (out / "results.md").read_text()
     assert all(f"| {mode} |" in table for mode in MODES)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
