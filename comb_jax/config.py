@@ -218,7 +218,9 @@ def apply_overrides(cfg: Config, overrides) -> Config:
         key, text = item.split("=", 1)
         if key not in valid:
             matches = [p for p in valid if p.rsplit(".", 1)[-1] == key]
-            if len(matches) != 1:
+            if len(matches) > 1:
+                raise ConfigError(f"ambiguous config key {key!r}: say which, one of {', '.join(matches)}")
+            if not matches:
                 raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
             key = matches[0]
         try:

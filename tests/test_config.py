@@ -29,6 +29,7 @@ def test_overrides_dotted_bare_and_typed():
 
 @pytest.mark.parametrize("override, message", [
     ("train.nope=1", "unknown config key 'train.nope'; valid keys: .*train.learning_rate"),
+    ("chunk_buckets=(8,)", "ambiguous config key 'chunk_buckets': .*train.chunk_buckets, serve.chunk_buckets"),
     ("steps=abc", "steps: cannot parse 'abc' as int"),
     ("seed", "is not key=value"),
 ])

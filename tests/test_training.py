@@ -9,7 +9,7 @@ from comb_jax import data as D
 from comb_jax import training as T
 from comb_jax.config import MeshConfig, apply_overrides
 from comb_jax.layout import count_params
-from comb_jax.model import forward
+from comb_jax.model import concat_picaches, encode, forward, lm_logits
 from comb_jax.sharding import make_mesh
 from comb_jax.warm_start import init_comb
 
@@ -110,3 +110,34 @@ def test_nan_loss_stops_with_a_clear_error(tiny_cfg, tiny_params, tmp_path):
     with pytest.raises(T.TrainingDiverged, match="loss is nan at step 1"):
         T.train(cfg, progress=False, backbone=backbone, examples=(toy_examples(8), []))
     assert not (tmp_path / "checkpoints" / "1").exists()
+
+
+def test_kl_term_is_the_teachers_full_context_distribution_on_answer_tokens(tiny_cfg, tiny_params):
+    """loss_fn's CE and KL against an independent per-example computation: the teacher reads the chunks inlined,
+    the student reads them as PICaches (gates opened so they matter), both scored on the answer tokens."""
+    cfg = toy_cfg(tiny_cfg, "kl_weight=0.5", "train.chunk_buckets=(32, 128)", "remat=false")
+    codec = D.make_codec(cfg)
+    comb = jax.tree.map(np.asarray, tiny_params["comb"])
+    comb["cross"]["gate_attn"] = np.full_like(comb["cross"]["gate_attn"], 0.7)
+    comb["cross"]["gate_mlp"] = np.full_like(comb["cross"]["gate_mlp"], -0.4)
+    params = {"backbone": tiny_params["backbone"], "comb": comb}
+    features = [D.tokenize(e, codec, cfg.train) for e in toy_examples(3)]
+    batch = jax.tree.map(jnp.asarray, D.collate(features, cfg.train))
+    loss, metrics = T.loss_fn(comb, params["backbone"], batch, cfg)
+
+    ce_terms, kl_terms = [], []
+    for f in features:
+        picache = concat_picaches([encode(params, jnp.asarray([c]), jnp.ones((1, len(c)), bool), cfg.model)
+                                   for c in f["chunks"]])
+        student = jax.nn.log_softmax(lm_logits(params, forward(params, jnp.asarray([f["prompt"] + f["answer"]]),
+                                                               cfg.model, picache)[0]), -1)[0]
+        teacher = jax.nn.log_softmax(lm_logits(params, forward(params, jnp.asarray([f["teacher_prompt"] + f["answer"]]),
+                                                               cfg.model)[0]), -1)[0]
+        for j, token in enumerate(f["answer"]):  # position predicting answer token j in each sequence
+            s, t = student[len(f["prompt"]) - 1 + j], teacher[len(f["teacher_prompt"]) - 1 + j]
+            ce_terms.append(-float(s[token]))
+            kl_terms.append(float(jnp.sum(jnp.exp(t) * (t - s))))
+    np.testing.assert_allclose(float(metrics["ce"]), np.mean(ce_terms), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["kl"]), np.mean(kl_terms), rtol=1e-4)
+    assert float(metrics["kl"]) > 1e-3  # the PICache student is not the full-context teacher
+    np.testing.assert_allclose(float(loss), np.mean(ce_terms) + 0.5 * np.mean(kl_terms), rtol=1e-5)
