@@ -35,7 +35,9 @@ def make_manager(directory: str | Path, keep: int, read_only: bool = False) -> o
         ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
                                       keep_checkpoints_without_metrics=False),
     ])
+    # best_fn is what makes Orbax write each step's metrics to disk (retention is the policy's job)
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
+                                           best_fn=lambda m: m["eval_loss"], best_mode="min",
                                            create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(Path(directory).resolve(), options=options,
                                  item_names=("comb", "opt", "data", "config"))
@@ -95,10 +97,11 @@ def _resolve_step_dir(checkpoint_dir: str | Path, prefer: str) -> Path:
         raise FileNotFoundError(f"no checkpoint steps under {root}")
     if prefer == "best":
         manager = make_manager(root, keep=len(steps), read_only=True)
-        best = manager.best_step() if any(manager.metrics(s) for s in steps) else None
+        losses = {s: (manager.metrics(s) or {}).get("eval_loss") for s in steps}
         manager.close()
-        if best is not None:
-            return root / str(best)
+        scored = [s for s in steps if losses[s] is not None]
+        if scored:  # lowest eval loss; the later step on a tie
+            return root / str(min(scored, key=lambda s: (losses[s], -s)))
     return root / str(steps[-1])
 
 

@@ -8,6 +8,7 @@ import pytest
 from train_helpers import toy_cfg, toy_examples
 
 from comb_jax import training as T
+from comb_jax import checkpoint as ckpt
 from comb_jax.checkpoint import CheckpointError, restore_comb_params
 
 
@@ -56,3 +57,20 @@ def test_missing_checkpoints_raise_naming_the_path(tiny_cfg, tmp_path):
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint steps"):
         restore_comb_params(str(tmp_path / "empty_run"), tiny_cfg)
+
+
+def test_keeps_the_best_by_eval_loss_and_restores_it_by_default(tiny_cfg, tiny_params, tmp_path):
+    comb = jax.tree.map(np.asarray, tiny_params["comb"])
+    manager = ckpt.make_manager(tmp_path / "checkpoints", keep=2)
+    for step, eval_loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)]:
+        scaled = jax.tree.map(lambda x, s=step: x * s, comb)  # each step's params are told apart by the scale
+        ckpt.save(manager, step, scaled, {"mu": np.zeros(3)}, {"epoch": 0}, tiny_cfg, eval_loss=eval_loss)
+    manager.wait_until_finished()
+    manager.close()
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [2, 3, 4]  # the last 2, plus step 2 with the lowest eval loss
+    scale_of = {s: jax.tree.map(lambda x, s=s: x * s, comb) for s in kept}
+    best = restore_comb_params(str(tmp_path), tiny_cfg)
+    jax.tree.map(np.testing.assert_array_equal, best, scale_of[2])
+    latest = restore_comb_params(str(tmp_path), tiny_cfg, prefer="latest")
+    jax.tree.map(np.testing.assert_array_equal, latest, scale_of[4])
