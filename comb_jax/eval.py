@@ -66,7 +66,7 @@ def build_segments(codec: data.Codec, chunks, question: str, max_chunk_tokens: i
     text: template + 'Context:\\n' + chunks joined by blank lines + '\\n\\nQuestion: ' + question), tokenized
     piece by piece so that each chunk's ids are the same wherever it appears (for SmolLM2 the pieces join into
     exactly the ids of the whole prompt, see tests/test_eval.py); Comb's prompt is
-    `Codec.prompt_ids(question)`, the student's prompt in training.
+    `Codec.prompt_ids(question)` and its chunks are each chunk's own ids, as in training.
     """
     ids = codec.prompt_ids(CONTEXT_MARK)
     template = bytes(ids).decode("utf-8") if codec.tok is None else codec.tok.decode(ids)
@@ -77,7 +77,8 @@ def build_segments(codec: data.Codec, chunks, question: str, max_chunk_tokens: i
     chunk_ids = tuple(tuple(codec.encode("\n" + c + "\n")[:max_chunk_tokens]) for c in chunks)
     return Segments(prefix=tuple(codec.encode(before + "Context:")), chunks=chunk_ids,
                     suffix=tuple(codec.encode("\nQuestion: " + question + after)),
-                    comb_prompt=tuple(codec.prompt_ids(question)))
+                    comb_prompt=tuple(codec.prompt_ids(question)),
+                    comb_chunks=tuple(tuple(codec.encode(c)[:max_chunk_tokens]) for c in chunks))
 
 
 def load_examples(dataset: str, data_dir: Path, *, limit: int, seed: int, num_distractors: int,

@@ -48,12 +48,14 @@ DECODER_MODES = ("full", "prefix", "naive", "rerotate", "epic")  # the context s
 
 @dataclass(frozen=True)
 class Segments:
-    """One request as token ids. The decoder-side prompt is prefix + chunks + suffix; Comb's is comb_prompt."""
+    """One request as token ids. The decoder-side prompt is prefix + chunks + suffix. Comb reads comb_chunks
+    (each chunk tokenized on its own, as in training and serving; empty: `chunks`) and prefills comb_prompt."""
 
     prefix: tuple[int, ...]
     chunks: tuple[tuple[int, ...], ...]
     suffix: tuple[int, ...]
     comb_prompt: tuple[int, ...]
+    comb_chunks: tuple[tuple[int, ...], ...] = ()
 
     @property
     def context(self) -> tuple[int, ...]:
@@ -72,7 +74,8 @@ class Segments:
         return offsets
 
     def reordered(self, order) -> Segments:
-        return dataclasses.replace(self, chunks=tuple(self.chunks[i] for i in order))
+        return dataclasses.replace(self, chunks=tuple(self.chunks[i] for i in order),
+                                   comb_chunks=tuple(self.comb_chunks[i] for i in order) if self.comb_chunks else ())
 
 
 @dataclass
@@ -344,12 +347,13 @@ class PicRunner:
     def _comb(self, seg: Segments) -> Answer:
         start = time.perf_counter()
         keys, values, hits = [], [], 0
-        for ids in seg.chunks:
+        chunks = seg.comb_chunks or seg.chunks
+        for ids in chunks:
             k, v, hit = self._chunk_entry(("comb", ids), ids, encode_chunk)
             hits += hit
             keys.append(k)
             values.append(v)
-        length = sum(len(c) for c in seg.chunks)
+        length = sum(len(c) for c in chunks)
         picache = None  # no chunks: the plain backbone
         if length:
             width = bucket(length)

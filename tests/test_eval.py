@@ -19,6 +19,11 @@ def test_segments_join_into_the_whole_prompt_bytes():
     assert list(seg.full) == codec.teacher_prompt_ids(CHUNKS[:3], "Where is the bicycle?")
     assert list(seg.comb_prompt) == codec.prompt_ids("Where is the bicycle?")
     assert seg.chunks[1] == tuple(codec.encode("\n" + CHUNKS[1] + "\n"))
+    # Comb's chunks are tokenized as training and serving tokenize them, and move with the decoder-side ones
+    assert seg.comb_chunks == tuple(tuple(codec.encode(c)) for c in CHUNKS[:3])
+    moved = seg.reordered([2, 0, 1])
+    assert moved.comb_chunks == tuple(tuple(codec.encode(CHUNKS[i])) for i in (2, 0, 1))
+    assert moved.chunks == tuple(seg.chunks[i] for i in (2, 0, 1))
 
 
 def test_segments_join_into_the_whole_prompt_smollm2(smol_tokenizer):
