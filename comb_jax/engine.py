@@ -30,8 +30,16 @@ from comb_jax.config import Config, MeshConfig
 from comb_jax.decode import decode_loop, prefill
 from comb_jax.layout import model_layout
 from comb_jax.model import PICache
-from comb_jax.pool import (Entry, PagePool, PoolFullError, RequestError, bucket_for, fingerprint, gather_context,
-                           write_chunks)
+from comb_jax.pool import (
+    Entry,
+    PagePool,
+    PoolFullError,
+    RequestError,
+    bucket_for,
+    fingerprint,
+    gather_context,
+    write_chunks,
+)
 from comb_jax.sharding import make_mesh, shard_params
 
 # ---------------------------------------------------------------------------------------------------------

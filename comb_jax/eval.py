@@ -186,7 +186,8 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
                         # the metric with the full prompt's answer as the gold: agreement with the teacher
                         row["score_vs_full"] = score(text, [ref_text])
                         h = answer.last_hidden
-                        row["hidden_cos"] = float(h @ ref_hidden / max(np.linalg.norm(h) * np.linalg.norm(ref_hidden), 1e-30))
+                        norms = np.linalg.norm(h) * np.linalg.norm(ref_hidden)
+                        row["hidden_cos"] = float(h @ ref_hidden / max(norms, 1e-30))
                         row["same_answer"] = answer.tokens == ref_tokens
                         if attn is not None:
                             row["attn_sim"] = attention_similarity(attn, ref_attn)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from train_helpers import toy_cfg, toy_examples
 
-from comb_jax import training as T
 from comb_jax import checkpoint as ckpt
+from comb_jax import training as T
 from comb_jax.checkpoint import CheckpointError, restore_comb_params
 
 

@@ -7,8 +7,16 @@ import pytest
 
 from comb_jax.layout import init_params, model_layout
 from comb_jax.model import block, rope_tables
-from comb_jax.pic_modes import (PicRunner, Segments, assemble, attention_similarity, bucket, chunk_kv,
-                                context_attention, last_layer_attention)
+from comb_jax.pic_modes import (
+    PicRunner,
+    Segments,
+    assemble,
+    attention_similarity,
+    bucket,
+    chunk_kv,
+    context_attention,
+    last_layer_attention,
+)
 
 TOL = 1e-5
 rng = np.random.default_rng(0)
@@ -76,7 +84,7 @@ def test_rerotation_equals_computing_the_chunk_at_its_real_position(tiny_cfg, ti
     mask = jnp.tril(jnp.ones((n, n), bool))[None]
     x = tiny_params["backbone"]["embed"][jnp.asarray([ids])]
     for i in range(cfg.num_layers):
-        layer = jax.tree.map(lambda a: a[i], tiny_params["backbone"]["layers"])
+        layer = jax.tree.map(lambda a, i=i: a[i], tiny_params["backbone"]["layers"])
         empty = jnp.zeros((1, n, cfg.num_kv_heads, cfg.head_dim))
         x, (k, v) = block(x, layer, cfg, cos, sin, mask, (empty, empty, slots))
         np.testing.assert_allclose(np.asarray(rotated.k[i, 0]), np.asarray(k[0]), atol=TOL, rtol=TOL)
