@@ -93,6 +93,7 @@ class TrainConfig:
     warmup_steps: int = 1000
     schedule: str = "constant"  # "constant" or "cosine" after warm-up
     grad_clip: float = 1.0
+    gate_lr_multiplier: float = 1.0  # the cross blocks' scalar gates learn this many times faster (1 = release)
     batch_size: int = 32
     steps: int = 1000
     seed: int = 0

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from comb_jax.config import ModelConfig
-from comb_jax.model import KVCache, PICache, forward, init_kv_cache, lm_logits
+from comb_jax.model import CrossContext, KVCache, PICache, cross_context, forward, init_kv_cache, lm_logits
 
 
 class DecodeState(NamedTuple):
@@ -62,18 +62,20 @@ def prefill(params, prompt, prompt_lengths, picache: PICache | None, rng, temper
 
 
 @partial(jax.jit, static_argnames=("cfg", "stop_ids", "dtype"), donate_argnames=("state",))
-def decode_loop(params, state: DecodeState, picache: PICache | None, max_tokens, temperature, top_p, *,
-                cfg: ModelConfig, stop_ids: tuple[int, ...], dtype=jnp.float32) -> DecodeState:
+def decode_loop(params, state: DecodeState, picache: PICache | CrossContext | None, max_tokens, temperature, top_p,
+                *, cfg: ModelConfig, stop_ids: tuple[int, ...], dtype=jnp.float32) -> DecodeState:
     """Decode until every row is done: a stop id was generated or `max_tokens` [B] reached."""
     width = state.tokens.shape[1]
     max_tokens = jnp.minimum(max_tokens, width)
+    # the context's keys are normalised once here, not once per generated token
+    ctx = None if picache is None else cross_context(params, picache, cfg, dtype)
 
     def cond(s: DecodeState):
         return jnp.any(~s.done & (s.num_generated < max_tokens))
 
     def body(s: DecodeState):
         active = ~s.done & (s.num_generated < max_tokens)
-        hidden, cache = forward(params, s.last_token[:, None], cfg, picache, s.kv_cache, active.astype(jnp.int32),
+        hidden, cache = forward(params, s.last_token[:, None], cfg, ctx, s.kv_cache, active.astype(jnp.int32),
                                 dtype)
         rng, key = jax.random.split(s.rng)
         nxt = sample(lm_logits(params, hidden)[:, 0], key, temperature, top_p)

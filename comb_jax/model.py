@@ -36,6 +36,18 @@ class PICache(NamedTuple):
     mask: jax.Array
 
 
+class CrossContext(NamedTuple):
+    """A PICache made ready for the cross blocks: keys after each block's k_norm, both in the compute dtype.
+
+    k, v: [E, B, C, K, D]; mask: [B, C]. `cross_context` builds it once per batch of requests, so a decode loop
+    does not renormalise the whole context for every generated token.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+
+
 class KVCache(NamedTuple):
     """The decoder's own cache. k, v: [N, B, M, K, D] (post-RoPE keys); lengths: [B] tokens written."""
 
@@ -145,16 +157,25 @@ def block(x, p, cfg: ModelConfig, cos, sin, mask, kv=None):
     return x, kv
 
 
+def cross_context(params, picache: PICache | CrossContext, cfg: ModelConfig, dtype=jnp.float32) -> CrossContext:
+    """Apply every cross block's k_norm to its PICache keys (stored before k_norm) and cast to `dtype`."""
+    if isinstance(picache, CrossContext):
+        return picache
+    k_norm = params["comb"]["cross"]["k_norm"].astype(dtype)[:, None, None, None, :]  # [E, 1, 1, 1, D]
+    k = rms_norm(picache.k.astype(dtype), k_norm, cfg.rms_eps)
+    return CrossContext(k, picache.v.astype(dtype), picache.mask)
+
+
 def cross_block(x, p, cfg: ModelConfig, ctx_k, ctx_v, ctx_mask):
     """Gated cross-attention, no positions, no causal mask. x [B, T, embed]; ctx_k/v [B, C, K, D]; mask [B, C].
 
-    Rows whose request has no context are passed through unchanged (the block is skipped for them).
+    ctx_k is already normalised by this block's k_norm (see `cross_context`). Rows whose request has no context
+    are passed through unchanged (the block is skipped for them).
     """
     h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
     q = rms_norm(jnp.einsum("bte,ehd->bthd", h, p["wq"]), p["q_norm"], cfg.rms_eps)
-    k = rms_norm(ctx_k, p["k_norm"], cfg.rms_eps).astype(x.dtype)
     mask = jnp.broadcast_to(ctx_mask[:, None, :], (x.shape[0], x.shape[1], ctx_mask.shape[-1]))
-    attn = attention(q, k, ctx_v.astype(x.dtype), mask)
+    attn = attention(q, ctx_k, ctx_v, mask)
     has_ctx = ctx_mask.any(-1)[:, None, None]
     gate_attn = jnp.tanh(p["gate_attn"]).astype(x.dtype)
     x = x + jnp.where(has_ctx, gate_attn * jnp.einsum("bthd,hde->bte", attn, p["wo"]), 0)
@@ -209,7 +230,8 @@ def concat_picaches(caches: list[PICache]) -> PICache:
 # Decoder
 
 
-def forward(params, tokens, cfg: ModelConfig, picache: PICache | None = None, kv_cache: KVCache | None = None,
+def forward(params, tokens, cfg: ModelConfig, picache: PICache | CrossContext | None = None,
+            kv_cache: KVCache | None = None,
             lengths=None, dtype=jnp.float32, remat: bool = False):
     """Decoder forward. tokens [B, T] -> (hidden [B, T, embed] after the final norm, updated KVCache or None).
 
@@ -217,7 +239,8 @@ def forward(params, tokens, cfg: ModelConfig, picache: PICache | None = None, kv
     With `kv_cache`: row b's tokens take positions lengths_b .. lengths_b + T - 1 of its cache; `lengths` [B]
     (default T) says how many of the T tokens are real, and the cache's lengths advance by it. Right padding
     is harmless: a padded slot is past every real query and is overwritten by the next real token.
-    `picache=None` (or a row whose mask is all false) skips the cross blocks: the plain backbone.
+    `picache=None` (or a row whose mask is all false) skips the cross blocks: the plain backbone. A
+    `CrossContext` (see `cross_context`) is used as it is; a `PICache` is prepared here.
     """
     bb = cast({k: v for k, v in params["backbone"].items() if k != "embed"}, dtype)
     x = params["backbone"]["embed"][tokens].astype(dtype)
@@ -251,6 +274,7 @@ def forward(params, tokens, cfg: ModelConfig, picache: PICache | None = None, kv
         e, s = cfg.num_cross_layers, cfg.cross_stride
         grouped = jax.tree.map(lambda a: a.reshape(e, s, *a.shape[1:]), (layers, index))
         cross = cast(params["comb"]["cross"], dtype)
+        ctx = cross_context(params, picache, cfg, dtype)
 
         def group_step(carry, xs):
             group, cross_p, ctx_k, ctx_v = xs
@@ -258,11 +282,11 @@ def forward(params, tokens, cfg: ModelConfig, picache: PICache | None = None, kv
             tail = jax.tree.map(lambda a: a[s - 1], group)
             carry, _ = jax.lax.scan(layer_step, carry, head)
             x, cache = carry
-            x = cross_block(x, cross_p, cfg, ctx_k, ctx_v, picache.mask)
+            x = cross_block(x, cross_p, cfg, ctx_k, ctx_v, ctx.mask)
             carry, _ = layer_step((x, cache), tail)
             return carry, None
 
-        (x, cache), _ = jax.lax.scan(group_step, (x, cache), (grouped, cross, picache.k, picache.v))
+        (x, cache), _ = jax.lax.scan(group_step, (x, cache), (grouped, cross, ctx.k, ctx.v))
 
     x = rms_norm(x, bb["final_norm"], cfg.rms_eps).astype(dtype)
     new_cache = None

@@ -141,3 +141,35 @@ def test_kl_term_is_the_teachers_full_context_distribution_on_answer_tokens(tiny
     np.testing.assert_allclose(float(metrics["kl"]), np.mean(kl_terms), rtol=1e-4)
     assert float(metrics["kl"]) > 1e-3  # the PICache student is not the full-context teacher
     np.testing.assert_allclose(float(loss), np.mean(ce_terms) + 0.5 * np.mean(kl_terms), rtol=1e-5)
+
+
+def test_gate_lr_multiplier_scales_only_the_gates(tiny_cfg, tiny_params):
+    """Two AdamW steps on the same gradients: gate updates grow by the multiplier, every other update is unchanged."""
+    comb = tiny_params["comb"]
+    grads = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), comb)
+    updates = {}
+    for multiplier in (1.0, 25.0):
+        cfg = apply_overrides(tiny_cfg, ["warmup_steps=1", f"gate_lr_multiplier={multiplier}"])
+        optimizer = T.make_optimizer(cfg.train)
+        opt_state = optimizer.init(comb)
+        for _ in range(2):  # the first step has learning rate 0 (linear warm-up from 0)
+            u, opt_state = optimizer.update(grads, opt_state, comb)
+        updates[multiplier] = T.gate_mask(u), u
+    mask, base = updates[1.0]
+    _, scaled = updates[25.0]
+    assert sum(jax.tree.leaves(mask)) == 2  # gate_attn and gate_mlp
+    for is_gate, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(base), jax.tree.leaves(scaled)):
+        assert np.any(a)
+        np.testing.assert_allclose(b, 25.0 * a if is_gate else a, rtol=1e-6)
+
+
+def test_dry_run_compiles_on_a_simulated_mesh_without_weights(tiny_cfg):
+    """The --dry-run path (used for llama8b_comb) on the tiny shapes: abstract arrays, 8 devices, counts reported."""
+    cfg = apply_overrides(tiny_cfg, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "batch_size=8"])
+    report = T.dry_run(cfg)
+    assert report["devices"] == 8 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    layout = T.model_layout(cfg.model)
+    assert report["trainable_params"] == count_params(layout["comb"])
+    assert report["backbone_params"] == count_params(layout["backbone"])
+    assert report["optimizer_state_params"] == 2 * report["trainable_params"] + 2
+    assert report["per_device_memory_gib"]["arguments"] > 0
