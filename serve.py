@@ -204,6 +204,11 @@ def main(argv=None) -> int:
                 "id": r.id, "answer": None if r.error else codec.decode(r.tokens), "ttft_s": r.ttft_s,
                 "output_tokens": len(r.tokens), "chunk_hits": r.chunk_hits, "chunk_misses": r.chunk_misses,
                 "error": r.error}) + "\n")
+    if not args.input:  # the demo batch: show what was answered, and from where
+        for r in results:
+            where = f"{r.chunk_hits} hit / {r.chunk_misses} miss"
+            ttft = f"{r.ttft_s:.3f}s" if r.ttft_s is not None else "-"
+            print(f"{r.id:16} {where:14} ttft {ttft:>7}  {r.error or codec.decode(r.tokens)!r}", file=sys.stderr)
     summary = summarize(results, elapsed, engine)
     summary["compilations_while_serving"] = compile_count() - compiles  # TTFT of those batches includes them
     print(json.dumps({"summary": summary, "mode": args.mode, "config": cfg.name, "output": args.output}))
