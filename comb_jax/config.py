@@ -144,7 +144,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     param_dtype: str = "float32"
-    compute_dtype: str = "float32"  # "bfloat16" on accelerators
+    compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU (resolved by load_config)
 
 
 class ConfigError(ValueError):
@@ -164,7 +164,21 @@ def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.config()
-    return apply_overrides(cfg, overrides)
+    return resolve_dtypes(apply_overrides(cfg, overrides))
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtypes(cfg: Config) -> Config:
+    """Replace compute_dtype "auto" by the backend's choice and check the name."""
+    if cfg.compute_dtype == "auto":
+        import jax
+
+        cfg = dataclasses.replace(cfg, compute_dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype={cfg.compute_dtype!r}; valid: auto, {', '.join(COMPUTE_DTYPES)}")
+    return cfg
 
 
 def _leaf_paths(obj, prefix: str = "") -> list[str]:

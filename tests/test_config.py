@@ -52,3 +52,11 @@ def test_llama8b_parameter_counts_from_abstract_shapes():
     assert count_params(shapes["comb"]["encoder"]["layers"]) == 1_744_896_000
     enc = shapes["comb"]["encoder"]
     assert count_params(enc["k_proj"]) + count_params(enc["v_proj"]) == 67_108_864
+
+
+def test_compute_dtype_auto_is_float32_on_cpu_and_bad_names_are_rejected():
+    assert load_config("smollm2_comb").compute_dtype == "float32"  # these tests run on the CPU backend
+    assert load_config("llama8b_comb").compute_dtype == "bfloat16"  # named explicitly in its config
+    assert load_config("tiny_comb", ["compute_dtype=bfloat16"]).compute_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="compute_dtype='fp8'; valid: auto, float32, bfloat16"):
+        load_config("tiny_comb", ["compute_dtype=fp8"])
