@@ -15,17 +15,15 @@ import json
 import sys
 import time
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
+from comb_jax.checkpoint import load_params
 from comb_jax.config import load_config
 from comb_jax.data import make_codec
 from comb_jax.engine import Engine, Request, Result, compile_count
-from comb_jax.layout import init_params, model_layout
 from comb_jax.pool import RequestError
 from comb_jax.tokenizer import chat_prompt_ids
-from comb_jax.weights import load_backbone
 
 DEMO_CHUNKS = [
     "Mira keeps her bicycle in the blue shed behind the bakery. The red shed holds only garden tools.",
@@ -124,19 +122,6 @@ def read_requests(lines, codec, mode: str):
         requests.append(req)
         order.append(req.id)
     return requests, errors, order
-
-
-def load_params(cfg, checkpoint: str | None):
-    backbone = load_backbone(cfg)
-    if checkpoint:
-        from comb_jax.checkpoint import restore_comb_params
-
-        comb = restore_comb_params(checkpoint, cfg)
-    else:
-        print(f"WARNING: no --checkpoint: serving freshly initialised comb params (gates 0), so {cfg.name} "
-              "answers exactly like its backbone and ignores the chunks", file=sys.stderr)
-        comb = init_params(model_layout(cfg.model)["comb"], jax.random.key(cfg.train.seed))
-    return {"backbone": backbone, "comb": comb}
 
 
 def percentile(values, q):

@@ -10,6 +10,7 @@ The manager saves asynchronously and keeps the last `keep_checkpoints` steps plu
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import jax
@@ -17,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from comb_jax.layout import abstract_params, check_shapes, model_layout
+
+log = logging.getLogger("comb_jax.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -127,3 +130,22 @@ def restore_comb_params(checkpoint_dir: str, cfg, prefer: str = "best") -> dict:
     comb = jax.tree.map(np.asarray, comb)
     check_shapes(layout, comb, where=str(comb_dir))
     return comb
+
+
+def load_params(cfg, checkpoint: str | None) -> dict:
+    """{"backbone": from cfg.weights, "comb": from a train.py checkpoint (see `restore_comb_params`)}.
+
+    Without a checkpoint the comb parameters are freshly initialised (gates 0): the model then answers exactly
+    like its backbone and ignores the chunks, which is logged as a warning.
+    """
+    from comb_jax.warm_start import random_comb
+    from comb_jax.weights import load_backbone
+
+    backbone = load_backbone(cfg)
+    if checkpoint:
+        comb = restore_comb_params(checkpoint, cfg)
+    else:
+        log.warning("no checkpoint: the comb parameters are freshly initialised (gates 0), so %s answers exactly "
+                    "like its backbone and ignores the chunks", cfg.name)
+        comb = jax.tree.map(np.asarray, random_comb(cfg, jax.random.key(cfg.train.seed)))
+    return {"backbone": backbone, "comb": comb}

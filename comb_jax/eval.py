@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax import data
+from comb_jax.checkpoint import load_params
 from comb_jax.config import load_config
 from comb_jax.metrics import qa_f1, rouge_l
 from comb_jax.pic_modes import DECODER_MODES, MODES, PicRunner, Segments, attention_similarity, context_attention
@@ -109,22 +110,6 @@ def shuffled_order(n: int, rng: np.random.Generator) -> list[int]:
         order = [int(i) for i in rng.permutation(n)]
         if order != list(range(n)):
             return order
-
-
-def load_params(cfg, checkpoint: str | None):
-    from comb_jax.layout import init_params, model_layout
-    from comb_jax.weights import load_backbone
-
-    backbone = load_backbone(cfg)
-    if checkpoint:
-        from comb_jax.checkpoint import restore_comb_params
-
-        comb = restore_comb_params(checkpoint, cfg)
-    else:
-        log.warning("no --checkpoint: fresh Comb parameters (gates 0), so 'comb' answers like the backbone "
-                    "without any context")
-        comb = init_params(model_layout(cfg.model)["comb"], jax.random.key(0))
-    return {"backbone": backbone, "comb": comb}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from comb_jax.config import Config, ModelConfig, load_config
-from comb_jax.layout import check_shapes, init_params, model_layout
+from comb_jax.config import ModelConfig, load_config
+from comb_jax.layout import check_shapes, model_layout
 from comb_jax.weights import SafetensorsDir, hf_names, model_config_from_hf, to_torch_layout, tree_from_tensors
 
 log = logging.getLogger("comb_jax.export")
@@ -267,27 +267,6 @@ def import_llama(path, dtype=np.float32, num_cross_layers: int = 1) -> tuple[Mod
 # CLI
 
 
-def load_params(cfg: Config, checkpoint: str | None, decoder_only: bool = False) -> dict:
-    """Backbone from cfg.weights; comb params from an Orbax checkpoint of train.py, or freshly initialised."""
-    from comb_jax.weights import load_backbone
-
-    params = {"backbone": load_backbone(cfg)}
-    if decoder_only:
-        if checkpoint:
-            log.warning("--decoder-only exports the frozen backbone from cfg.weights; the checkpoint is not read")
-        return params
-    if checkpoint:
-        from comb_jax.checkpoint import restore_comb_params
-
-        params["comb"] = restore_comb_params(checkpoint, cfg)
-    else:
-        log.warning("no --checkpoint: the comb parameters are freshly initialised (gates 0, so the export "
-                    "behaves exactly like the backbone)")
-        layout = {"comb": model_layout(cfg.model)["comb"]}
-        params["comb"] = init_params(layout, jax.random.key(cfg.train.seed))["comb"]
-    return params
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m comb_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="config name in configs/")
@@ -303,7 +282,16 @@ def main(argv=None) -> dict:
 
     start = time.time()
     cfg = load_config(args.config, args.overrides)
-    params = load_params(cfg, args.checkpoint, args.decoder_only)
+    if args.decoder_only:
+        if args.checkpoint:
+            log.warning("--decoder-only exports the frozen backbone from cfg.weights; the checkpoint is not read")
+        from comb_jax.weights import load_backbone
+
+        params = {"backbone": load_backbone(cfg)}
+    else:
+        from comb_jax.checkpoint import load_params
+
+        params = load_params(cfg, args.checkpoint)
     tokenizer = None
     if cfg.weights.source != "random":
         from comb_jax.tokenizer import load_tokenizer
