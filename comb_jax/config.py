@@ -95,6 +95,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     gate_lr_multiplier: float = 1.0  # the cross blocks' scalar gates learn this many times faster (1 = release)
     batch_size: int = 32
+    grad_accum_steps: int = 1  # the batch is split into this many sequential micro-batches (activation memory / A)
     steps: int = 1000
     seed: int = 0
     kl_weight: float = 0.0

@@ -158,9 +158,40 @@ def state_shardings(cfg, mesh, optimizer):
 
 def check_batch_divides(cfg, mesh):
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.batch_size % shards:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data x fsdp = {shards} "
-                         f"(mesh {dict(mesh.shape)})")
+    accum = cfg.train.grad_accum_steps
+    if accum < 1:
+        raise ValueError(f"train.grad_accum_steps={accum} must be >= 1")
+    if cfg.train.batch_size % (shards * accum):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data x fsdp x "
+                         f"grad_accum_steps = {shards} x {accum} (mesh {dict(mesh.shape)})")
+
+
+def accumulated_grads(comb, backbone, batch, cfg, mesh):
+    """Gradients and metrics of the whole batch, computed in `grad_accum_steps` sequential micro-batches.
+
+    Micro-batch j takes rows j, j + A, j + 2A, ... so that every device holds part of each one. Each micro-batch's
+    mean-over-answer-tokens gradient is weighted by its answer tokens, so the result is the whole batch's token
+    mean (what one big step computes), at 1/A of the activation memory.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    accum = cfg.train.grad_accum_steps
+    if accum == 1:
+        (_, metrics), grads = grad_fn(comb, backbone, batch, cfg)
+        return grads, metrics
+    micro = jax.tree.map(lambda a: jnp.moveaxis(a.reshape(a.shape[0] // accum, accum, *a.shape[1:]), 1, 0), batch)
+
+    def body(total, mb):
+        mb = jax.lax.with_sharding_constraint(mb, batch_shardings(mb, mesh))
+        (_, m), g = grad_fn(comb, backbone, mb, cfg)
+        weight = m["answer_tokens"]
+        scaled = jax.tree.map(lambda x: weight * x, (g, {k: m[k] for k in ("loss", "ce", "kl")}))
+        return jax.tree.map(jnp.add, total, scaled), weight
+
+    zeros = (jax.tree.map(jnp.zeros_like, comb), {k: jnp.zeros((), jnp.float32) for k in ("loss", "ce", "kl")})
+    (grads, sums), weights = jax.lax.scan(body, zeros, micro)
+    count = jnp.maximum(weights.sum(), 1.0)
+    metrics = dict(jax.tree.map(lambda x: x / count, sums), answer_tokens=weights.sum())
+    return jax.tree.map(lambda g: g / count, grads), metrics
 
 
 def make_train_step(cfg, mesh, optimizer, example_batch):
@@ -170,8 +201,7 @@ def make_train_step(cfg, mesh, optimizer, example_batch):
     backbone_sh = param_shardings(model_layout(cfg.model)["backbone"], mesh)
 
     def step(state: TrainState, backbone, batch):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.comb, jax.lax.stop_gradient(backbone), batch, cfg)
+        grads, metrics = accumulated_grads(state.comb, jax.lax.stop_gradient(backbone), batch, cfg, mesh)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.comb)
         comb = optax.apply_updates(state.comb, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))

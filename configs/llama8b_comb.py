@@ -17,7 +17,7 @@ def config() -> Config:
         weights=WeightsConfig(source="hf", path=""),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         train=TrainConfig(
-            learning_rate=5e-5, weight_decay=0.01, warmup_steps=1000, batch_size=32, steps=20000,
+            learning_rate=5e-5, weight_decay=0.01, warmup_steps=1000, batch_size=32, grad_accum_steps=4, steps=20000,
             max_chunk_tokens=4096, max_decoder_tokens=512, run_dir="runs/llama8b_comb",
         ),
         serve=ServeConfig(page_tokens=128, pool_tokens=1 << 20, max_chunk_tokens=4096, max_context_tokens=16384,

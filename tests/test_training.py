@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from train_helpers import toy_cfg, toy_examples
 
 from comb_jax import data as D
@@ -173,3 +174,19 @@ def test_dry_run_compiles_on_a_simulated_mesh_without_weights(tiny_cfg):
     assert report["backbone_params"] == count_params(layout["backbone"])
     assert report["optimizer_state_params"] == 2 * report["trainable_params"] + 2
     assert report["per_device_memory_gib"]["arguments"] > 0
+
+
+def test_gradient_accumulation_equals_one_full_batch_step(tiny_cfg, tiny_params):
+    """A micro-batches weighted by their answer tokens give the full batch's token-mean loss and update."""
+    cfg = toy_cfg(tiny_cfg, "batch_size=8", "learning_rate=1e-2")
+    it = D.train_iterator(toy_examples(16), D.Codec(None), cfg.train)
+    batches = [next(it) for _ in range(2)]
+    params = jax.tree.map(np.asarray, tiny_params)
+    for mesh, accum in ((make_mesh(MeshConfig(1, 1, 1)), 4), (make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), 2)):
+        loss_full, comb_full, _, _ = _run_steps(cfg, mesh, params, batches)
+        accum_cfg = apply_overrides(cfg, [f"grad_accum_steps={accum}"])
+        loss_acc, comb_acc, _, _ = _run_steps(accum_cfg, mesh, params, batches)
+        np.testing.assert_allclose(loss_acc, loss_full, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), comb_acc, comb_full)
+    with pytest.raises(ValueError, match="multiple of data x fsdp x grad_accum_steps"):
+        T.check_batch_divides(apply_overrides(cfg, ["grad_accum_steps=3"]), make_mesh(MeshConfig(1, 1, 1)))
