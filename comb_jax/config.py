@@ -111,6 +111,7 @@ class TrainConfig:
     chunk_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     decoder_buckets: tuple[int, ...] = (64, 128, 256, 512)
     eval_every: int = 100  # 0 = no eval
+    eval_at_start: bool = False  # also evaluate before the first step of a fresh run (the untrained baseline)
     eval_examples: int = 64
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

@@ -49,8 +49,8 @@ def plot_runs(run_dirs: list[str], out: str | Path, smooth: int = 10) -> Path:
     for run in run_dirs:
         records = read_metrics(run)
         name = Path(run).name
-        steps = [r["step"] for r in records]
-        ax_loss.plot(steps, moving_average([r["loss"] for r in records], smooth), label=name)
+        trained = [r for r in records if "loss" in r]  # an eval-only record (step 0) has no training loss
+        ax_loss.plot([r["step"] for r in trained], moving_average([r["loss"] for r in trained], smooth), label=name)
         evals = [r for r in records if "eval_loss" in r]
         if evals:
             x = [r["step"] for r in evals]

@@ -370,8 +370,19 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     bar = tqdm(total=tc.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
     batch = first
     last_eval = None
+
+    def run_eval(at_step: int) -> dict:
+        result = evaluate(state, backbone, eval_ex, codec, cfg, loss_step,
+                          min(tc.teacher_max_tokens, tc.max_decoder_tokens))
+        tqdm.write(f"step {at_step}: eval loss {result['eval_loss']:.4f}, F1 {result['eval_f1']:.3f} "
+                   f"(vs targets {result['eval_f1_target']:.3f}); sample: {json.dumps(result['eval_samples'][:1])}")
+        return result
+
     try:
         with metrics_path.open("a") as log:
+            if tc.eval_at_start and tc.eval_every > 0 and step == 0:  # the untrained baseline
+                last_eval = run_eval(0)
+                log.write(json.dumps({"step": 0, **{k: v for k, v in last_eval.items() if k != "eval_samples"}}) + "\n")
             while step < tc.steps:
                 shapes = tuple(v.shape for v in batch.values())
                 if shapes not in flops and peak:
@@ -394,13 +405,9 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                     record["mfu"] = flops[shapes] / seconds / (peak * mesh.size)
                 eval_loss = None
                 if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
-                    last_eval = evaluate(state, backbone, eval_ex, codec, cfg, loss_step,
-                                         min(tc.teacher_max_tokens, tc.max_decoder_tokens))
+                    last_eval = run_eval(step)
                     eval_loss = last_eval["eval_loss"]
                     record.update({k: v for k, v in last_eval.items() if k != "eval_samples"})
-                    tqdm.write(f"step {step}: eval loss {eval_loss:.4f}, F1 {last_eval['eval_f1']:.3f} "
-                               f"(vs targets {last_eval['eval_f1_target']:.3f}); sample: "
-                               f"{json.dumps(last_eval['eval_samples'][:1])}")
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(1)

@@ -190,3 +190,24 @@ def test_gradient_accumulation_equals_one_full_batch_step(tiny_cfg, tiny_params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), comb_acc, comb_full)
     with pytest.raises(ValueError, match="multiple of data x fsdp x grad_accum_steps"):
         T.check_batch_divides(apply_overrides(cfg, ["grad_accum_steps=3"]), make_mesh(MeshConfig(1, 1, 1)))
+
+
+def test_eval_at_start_logs_the_untrained_baseline(tiny_cfg, tiny_params, tmp_path):
+    """Step 0's eval is the backbone alone (gates 0): its loss is the plain decoder's answer-token cross-entropy."""
+    import json
+
+    cfg = toy_cfg(tiny_cfg, "batch_size=4", "mesh.data=1", "steps=1", "eval_every=1", "eval_at_start=true",
+                  "teacher_max_tokens=4", f"run_dir={tmp_path / 'run'}")
+    eval_examples = toy_examples(4)
+    backbone = jax.tree.map(np.asarray, tiny_params["backbone"])
+    T.train(cfg, progress=False, backbone=backbone, examples=(toy_examples(8), eval_examples))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1] and "loss" not in records[0] and "eval_loss" in records[1]
+
+    (batch, real, _), = D.eval_batches(eval_examples, D.Codec(None), cfg.train)
+    assert real == 4
+    hidden, _ = forward({"backbone": backbone}, jnp.asarray(batch["tokens"]), cfg.model)
+    log_probs = jax.nn.log_softmax(lm_logits({"backbone": backbone}, hidden), axis=-1)
+    nll = -np.take_along_axis(np.asarray(log_probs), batch["targets"][..., None], axis=-1)[..., 0]
+    expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    np.testing.assert_allclose(records[0]["eval_loss"], expected, rtol=1e-5)
