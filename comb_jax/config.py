@@ -93,7 +93,8 @@ class TrainConfig:
     warmup_steps: int = 1000
     schedule: str = "constant"  # "constant" or "cosine" after warm-up
     grad_clip: float = 1.0
-    gate_lr_multiplier: float = 1.0  # the cross blocks' scalar gates learn this many times faster (1 = release)
+    gate_attn_lr_multiplier: float = 1.0  # the cross-attention gates learn this many times faster (1 = release)
+    gate_mlp_lr_multiplier: float = 1.0  # the same for the cross blocks' MLP gates
     batch_size: int = 32
     grad_accum_steps: int = 1  # the batch is split into this many sequential micro-batches (activation memory / A)
     steps: int = 1000

@@ -99,27 +99,26 @@ def learning_rate(tc) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [max(tc.warmup_steps, 1)])
 
 
-GATE_NAMES = ("gate_attn", "gate_mlp")
-
-
-def gate_mask(tree):
-    """True on the cross blocks' tanh gates (matched by leaf name), False elsewhere."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: str(getattr(path[-1], "key", "")) in GATE_NAMES, tree)
+def gate_mask(name: str):
+    """A mask function: True on the cross blocks' `name` gate (gate_attn or gate_mlp), False elsewhere."""
+    return lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")) == name,
+                                                         tree)
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW; weight decay only on matrices (not norms or gates).
 
-    `gate_lr_multiplier` scales the gates' updates: they start at 0 and every cross-block signal passes through
-    tanh(gate), so at the release's small learning rate a short run barely opens them (AdamW moves a scalar by
-    about lr per step).
+    `gate_attn_lr_multiplier` / `gate_mlp_lr_multiplier` scale the two gates' updates. The gates start at 0 and
+    every cross-block signal passes through tanh(gate), so at the release's small learning rate a short run barely
+    opens them (AdamW moves a scalar by about lr per step). Only the attention branch reads the context: the MLP
+    branch sees the decoder's own hidden state, and opened alone it fits the targets' style without the chunks.
     """
     decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 3, tree)  # stacked linears are [layers, in, ...]
     parts = [optax.clip_by_global_norm(tc.grad_clip),
              optax.adamw(learning_rate(tc), b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask)]
-    if tc.gate_lr_multiplier != 1.0:
-        parts.append(optax.masked(optax.scale(tc.gate_lr_multiplier), gate_mask))
+    for name, multiplier in (("gate_attn", tc.gate_attn_lr_multiplier), ("gate_mlp", tc.gate_mlp_lr_multiplier)):
+        if multiplier != 1.0:
+            parts.append(optax.masked(optax.scale(multiplier), gate_mask(name)))
     return optax.chain(*parts)
 
 

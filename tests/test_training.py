@@ -9,7 +9,7 @@ from train_helpers import toy_cfg, toy_examples
 from comb_jax import data as D
 from comb_jax import training as T
 from comb_jax.config import MeshConfig, apply_overrides
-from comb_jax.layout import count_params
+from comb_jax.layout import count_params, flatten_names
 from comb_jax.model import concat_picaches, encode, forward, lm_logits
 from comb_jax.sharding import make_mesh
 from comb_jax.warm_start import init_comb
@@ -144,24 +144,26 @@ def test_kl_term_is_the_teachers_full_context_distribution_on_answer_tokens(tiny
     np.testing.assert_allclose(float(loss), np.mean(ce_terms) + 0.5 * np.mean(kl_terms), rtol=1e-5)
 
 
-def test_gate_lr_multiplier_scales_only_the_gates(tiny_cfg, tiny_params):
-    """Two AdamW steps on the same gradients: gate updates grow by the multiplier, every other update is unchanged."""
+def test_gate_lr_multipliers_scale_only_their_gates(tiny_cfg, tiny_params):
+    """Two AdamW steps on the same gradients: each gate's updates grow by its multiplier, all others are unchanged."""
     comb = tiny_params["comb"]
     grads = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), comb)
-    updates = {}
-    for multiplier in (1.0, 25.0):
-        cfg = apply_overrides(tiny_cfg, ["warmup_steps=1", f"gate_lr_multiplier={multiplier}"])
+
+    def updates(attn, mlp):
+        cfg = apply_overrides(tiny_cfg, ["warmup_steps=1", f"gate_attn_lr_multiplier={attn}",
+                                         f"gate_mlp_lr_multiplier={mlp}"])
         optimizer = T.make_optimizer(cfg.train)
         opt_state = optimizer.init(comb)
         for _ in range(2):  # the first step has learning rate 0 (linear warm-up from 0)
             u, opt_state = optimizer.update(grads, opt_state, comb)
-        updates[multiplier] = T.gate_mask(u), u
-    mask, base = updates[1.0]
-    _, scaled = updates[25.0]
-    assert sum(jax.tree.leaves(mask)) == 2  # gate_attn and gate_mlp
-    for is_gate, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(base), jax.tree.leaves(scaled)):
+        return u
+
+    base, scaled = flatten_names(updates(1.0, 1.0)), flatten_names(updates(25.0, 3.0))
+    for name, a in base.items():
+        factor = {"gate_attn": 25.0, "gate_mlp": 3.0}.get(name.rsplit("/", 1)[-1], 1.0)
         assert np.any(a)
-        np.testing.assert_allclose(b, 25.0 * a if is_gate else a, rtol=1e-6)
+        np.testing.assert_allclose(scaled[name], factor * a, rtol=1e-6, err_msg=name)
+    assert sum(jax.tree.leaves(T.gate_mask("gate_attn")(comb))) == 1
 
 
 def test_dry_run_compiles_on_a_simulated_mesh_without_weights(tiny_cfg):
