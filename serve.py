@@ -183,17 +183,18 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
 
     results = [errors[i] if rid is None else served[rid] for i, rid in enumerate(order)]
+    answers = [None if r.error else codec.decode(r.tokens) for r in results]
     with open(args.output, "w") as f:
-        for r in results:
+        for r, answer in zip(results, answers):
             f.write(json.dumps({
-                "id": r.id, "answer": None if r.error else codec.decode(r.tokens), "ttft_s": r.ttft_s,
+                "id": r.id, "answer": answer, "ttft_s": r.ttft_s,
                 "output_tokens": len(r.tokens), "chunk_hits": r.chunk_hits, "chunk_misses": r.chunk_misses,
                 "error": r.error}) + "\n")
     if not args.input:  # the demo batch: show what was answered, and from where
-        for r in results:
+        for r, answer in zip(results, answers):
             where = f"{r.chunk_hits} hit / {r.chunk_misses} miss"
             ttft = f"{r.ttft_s:.3f}s" if r.ttft_s is not None else "-"
-            print(f"{r.id:16} {where:14} ttft {ttft:>7}  {r.error or codec.decode(r.tokens)!r}", file=sys.stderr)
+            print(f"{r.id:16} {where:14} ttft {ttft:>7}  {r.error or answer!r}", file=sys.stderr)
     summary = summarize(results, elapsed, engine)
     summary["compilations_while_serving"] = compile_count() - compiles  # TTFT of those batches includes them
     print(json.dumps({"summary": summary, "mode": args.mode, "config": cfg.name, "output": args.output}))

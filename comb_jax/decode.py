@@ -48,7 +48,7 @@ def _is_stop(tokens, stop_ids):
 
 
 @partial(jax.jit, static_argnames=("cfg", "slots", "max_new_tokens", "stop_ids", "dtype"))
-def prefill(params, prompt, prompt_lengths, picache: PICache | None, rng, temperature, top_p, *,
+def prefill(params, prompt, prompt_lengths, picache: PICache | CrossContext | None, rng, temperature, top_p, *,
             cfg: ModelConfig, slots: int, max_new_tokens: int, stop_ids: tuple[int, ...], dtype=jnp.float32):
     """prompt [B, T] right-padded, prompt_lengths [B] -> DecodeState holding the first sampled token."""
     b = prompt.shape[0]
@@ -97,6 +97,8 @@ def generate(params, prompt, prompt_lengths, picache, cfg: ModelConfig, *, max_n
     rng = jax.random.key(0) if rng is None else rng
     slots = slots or t + max_new_tokens
     stop_ids = tuple(int(i) for i in stop_ids)
+    if picache is not None:  # normalised once for both prefill and the decode loop
+        picache = cross_context(params, picache, cfg, dtype)
     state = prefill(params, prompt, prompt_lengths, picache, rng, temperature, top_p, cfg=cfg, slots=slots,
                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, dtype=dtype)
     max_tokens = jnp.full((b,), max_new_tokens, jnp.int32)

@@ -29,7 +29,7 @@ import numpy as np
 from comb_jax.config import Config, MeshConfig
 from comb_jax.decode import decode_loop, prefill
 from comb_jax.layout import model_layout
-from comb_jax.model import PICache
+from comb_jax.model import PICache, cross_context
 from comb_jax.pool import (
     Entry,
     PagePool,
@@ -94,14 +94,15 @@ class Result:
 @partial(jax.jit, static_argnames=("cfg", "slots", "max_new_tokens", "stop_ids", "dtype"))
 def prefill_with_pages(params, pool_k, pool_v, page_table, context_mask, prompt, prompt_lengths, rng, temperature,
                        top_p, *, cfg, slots, max_new_tokens, stop_ids, dtype=jnp.float32):
-    """Gather each request's pages into its dense PICache [E, B, C, K, D], then prefill the prompts.
+    """Gather each request's pages into its dense context [E, B, C, K, D], then prefill the prompts.
 
-    page_table [B, C / page_tokens]; context_mask [B, C]; prompt [B, T]. Returns (DecodeState, PICache).
+    page_table [B, C / page_tokens]; context_mask [B, C]; prompt [B, T]. Returns (DecodeState, CrossContext):
+    the keys are normalised here once, and the decode loop reuses them as they are.
     """
-    picache = PICache(*gather_context(pool_k, pool_v, page_table, context_mask))
-    state = prefill(params, prompt, prompt_lengths, picache, rng, temperature, top_p, cfg=cfg, slots=slots,
+    ctx = cross_context(params, PICache(*gather_context(pool_k, pool_v, page_table, context_mask)), cfg, dtype)
+    state = prefill(params, prompt, prompt_lengths, ctx, rng, temperature, top_p, cfg=cfg, slots=slots,
                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, dtype=dtype)
-    return state, picache
+    return state, ctx
 
 
 def serving_mesh(cfg: Config):
@@ -253,14 +254,14 @@ class Engine:
         if context:
             c = bucket_for(context, self.context_buckets)
             table, mask = self.pool.page_table(entries + [[]] * (b - len(batch)), c)
-            state, picache = prefill_with_pages(self.params, self.pool.k, self.pool.v, table, mask, prompt, lengths,
-                                                key, temperature, top_p, **prefill_static)
+            state, ctx = prefill_with_pages(self.params, self.pool.k, self.pool.v, table, mask, prompt, lengths,
+                                            key, temperature, top_p, **prefill_static)
         else:
-            picache = None
+            ctx = None
             state = prefill(self.params, prompt, lengths, None, key, temperature, top_p, **prefill_static)
         state.last_token.block_until_ready()
         ttft = time.perf_counter() - start
-        state = decode_loop(self.params, state, picache, max_tokens, temperature, top_p, **static)
+        state = decode_loop(self.params, state, ctx, max_tokens, temperature, top_p, **static)
         tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
         for row, r in enumerate(batch):
             out = tokens[row, :counts[row]].tolist()
