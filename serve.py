@@ -4,26 +4,35 @@
         --output results.jsonl [--mode comb|full] [key=value overrides]
 
 Request lines: {"id", "chunks": [text, ...], "question" | "messages", "max_tokens", "temperature", "top_p"}.
-Output lines: {"id", "answer", "ttft_s", "output_tokens", "chunk_hits", "chunk_misses", "error"}.
-Without --input a built-in demo batch runs, in which the same chunks recur in different orders.
+Output lines, in input order: {"id", "line", "answer", "ttft_s", "output_tokens", "chunk_hits", "chunk_misses",
+"error"}. A line that is not valid UTF-8 or JSON, has an unknown field or a field of the wrong type or range, or
+cannot be served gets its own error (naming the line and the field) and every other line is served. Results are
+written to OUTPUT.partial as they finish, in input order, and renamed to OUTPUT at the end; --input and --output
+are checked before the model loads. Without --input a built-in demo batch runs, in which the same chunks recur in
+different orders.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from comb_jax.checkpoint import load_params
+from comb_jax.checkpoint import load_model
+from comb_jax.cli import Parser, UsageError, one_line, run
 from comb_jax.config import load_config
 from comb_jax.data import make_codec
 from comb_jax.engine import Engine, Request, Result, compile_count
 from comb_jax.pool import RequestError
-from comb_jax.tokenizer import chat_prompt_ids
+from comb_jax.tokenizer import chat_prompt_ids, text_ids
 
 DEMO_CHUNKS = [
     "Mira keeps her bicycle in the blue shed behind the bakery. The red shed holds only garden tools.",
@@ -51,6 +60,93 @@ def demo_requests(rounds: int = 3, seed: int = 0) -> list[dict]:
     return out
 
 
+REQUEST_FIELDS = ("id", "chunks", "question", "messages", "max_tokens", "temperature", "top_p")
+ROLES = ("system", "user", "assistant")
+MAX_TEMPERATURE = 100.0
+
+
+def _json_type(value) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _shown(value) -> str:
+    try:
+        text = json.dumps(value) if isinstance(value, (bool, str)) or value is None else repr(value)
+    except ValueError:  # an integer too long to print
+        return "a very large integer"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _got(value) -> str:
+    return "null" if value is None else f"{_json_type(value)} {_shown(value)}"
+
+
+def _int_field(obj, name, default, lo, hi):
+    if name not in obj:
+        return default
+    v = obj[name]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError(f"'{name}' must be an integer, got {_got(v)}")
+    if not lo <= v <= hi:
+        raise RequestError(f"'{name}' must be in [{lo}, {hi}], got {_shown(v)}")
+    return v
+
+
+def _float_field(obj, name, default, lo, hi, lo_open=False):
+    if name not in obj:
+        return default
+    v = obj[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RequestError(f"'{name}' must be a number, got {_got(v)}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise RequestError(f"'{name}' must be a finite number, got {v}")
+    if not ((lo < v) if lo_open else (lo <= v)) or not v <= hi:  # exact for huge ints too (no float overflow)
+        raise RequestError(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {_shown(v)}")
+    return float(v)
+
+
+def request_id(obj, line_no: int):
+    """The id as given (a string or a finite number), or `line-N` when there is none."""
+    if "id" not in obj:
+        return f"line-{line_no}"
+    rid = obj["id"]
+    if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)) or (
+            isinstance(rid, float) and math.isfinite(rid)):
+        return rid
+    raise RequestError(f"'id' must be a string or a number, got {_got(rid)}")
+
+
+def check_messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(f"'messages' must be a non-empty array of {{role, content}} objects, got "
+                           f"{_json_type(messages)}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"'messages[{i}]' must be an object {{role, content}}, got {_json_type(m)}")
+        unknown = sorted(set(m) - {"role", "content"})
+        if unknown:
+            raise RequestError(f"'messages[{i}]' has unknown fields {', '.join(map(repr, unknown))}; "
+                               "valid: 'role', 'content'")
+        for key in ("role", "content"):
+            if key not in m:
+                raise RequestError(f"'messages[{i}].{key}' is missing")
+            if not isinstance(m[key], str):
+                raise RequestError(f"'messages[{i}].{key}' must be a string, got {_json_type(m[key])}")
+        if m["role"] not in ROLES:
+            raise RequestError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {_shown(m['role'])}")
+    if not any(m["role"] == "user" for m in messages):
+        raise RequestError("'messages' need at least one user turn")
+
+
+def chunk_ids(codec, text: str) -> list[int]:
+    """A chunk's ids, with any control-token spelling in it tokenized as text."""
+    return codec.encode(text) if codec.tok is None else text_ids(codec.tok, text)
+
+
 def prompt_ids(codec, question, messages, inline_chunks: list[str] | None) -> list[int]:
     """Chat prompt ids. `inline_chunks` (mode full): the chunks go into the (last) user turn, as in training."""
     def with_context(text):
@@ -60,9 +156,7 @@ def prompt_ids(codec, question, messages, inline_chunks: list[str] | None) -> li
 
     if messages is None:
         return codec.prompt_ids(with_context(question))
-    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    if last_user is None:
-        raise RequestError("messages need at least one user turn")
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     messages = [dict(m) for m in messages]
     messages[last_user]["content"] = with_context(messages[last_user]["content"])
     if codec.tok is None:  # the byte-level toy has no chat template: the last user turn is the question
@@ -70,65 +164,165 @@ def prompt_ids(codec, question, messages, inline_chunks: list[str] | None) -> li
     return chat_prompt_ids(codec.tok, messages=messages)
 
 
-def parse_request(obj, line_no: int, codec, mode: str) -> Request:
-    """A decoded JSON request -> engine Request. Raises RequestError naming what is wrong."""
+def parse_request(obj, line_no: int, codec, mode: str, max_new_tokens: int = 1 << 30) -> Request:
+    """A decoded JSON request -> engine Request (id: the id as a string). Raises RequestError naming the field."""
     if not isinstance(obj, dict):
-        raise RequestError(f"line {line_no}: a request must be a JSON object")
-    rid = str(obj.get("id", f"line-{line_no}"))
+        raise RequestError(f"a request must be a JSON object, got {_json_type(obj)}")
+    unknown = sorted(set(obj) - set(REQUEST_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown fields {', '.join(map(repr, unknown))}; valid: {', '.join(REQUEST_FIELDS)}")
+    rid = str(request_id(obj, line_no))
     chunks = obj.get("chunks", [])
-    if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks):
-        raise RequestError(f"request {rid}: 'chunks' must be a list of strings")
+    if not isinstance(chunks, list):
+        raise RequestError(f"'chunks' must be a list of strings, got {_json_type(chunks)}")
+    for i, c in enumerate(chunks):
+        if not isinstance(c, str):
+            raise RequestError(f"'chunks' must be a list of strings: 'chunks[{i}]' is {_json_type(c)}")
+        if not c:
+            raise RequestError(f"'chunks[{i}]' is an empty string")
     question, messages = obj.get("question"), obj.get("messages")
-    if (question is None) == (messages is None):
-        raise RequestError(f"request {rid}: give exactly one of 'question' or 'messages'")
-    if question is not None and not isinstance(question, str):
-        raise RequestError(f"request {rid}: 'question' must be a string")
-    if messages is not None and not (isinstance(messages, list) and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
-        raise RequestError(f"request {rid}: 'messages' must be a list of {{role, content}} objects")
+    if ("question" in obj) == ("messages" in obj):
+        raise RequestError("give exactly one of 'question' or 'messages'")
+    if "question" in obj and not isinstance(question, str):
+        raise RequestError(f"'question' must be a string, got {_json_type(question)}")
+    if "messages" in obj:
+        check_messages(messages)
+    max_tokens = _int_field(obj, "max_tokens", 0, 1, max_new_tokens)
+    temperature = _float_field(obj, "temperature", 0.0, 0.0, MAX_TEMPERATURE)
+    top_p = _float_field(obj, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     try:
-        max_tokens = int(obj.get("max_tokens", 0))
-        temperature = float(obj.get("temperature", 0.0))
-        top_p = float(obj.get("top_p", 1.0))
-    except (TypeError, ValueError):
-        raise RequestError(f"request {rid}: max_tokens, temperature and top_p must be numbers") from None
-    if mode == "full":
-        ids = prompt_ids(codec, question, messages, chunks)
-        chunk_ids = []
-    else:
-        ids = prompt_ids(codec, question, messages, None)
-        chunk_ids = [codec.encode(c) for c in chunks if c]
-    return Request(rid, ids, chunk_ids, max_tokens, temperature, top_p)
+        if mode == "full":
+            ids, chunk_token_ids = prompt_ids(codec, question, messages, chunks), []
+        else:
+            ids = prompt_ids(codec, question, messages, None)
+            chunk_token_ids = [chunk_ids(codec, c) for c in chunks]
+    except RequestError:
+        raise
+    except Exception as e:  # a chat template that rejects these messages, a tokenizer error
+        raise RequestError(f"'{'messages' if messages is not None else 'question'}' could not be tokenized: "
+                           f"{type(e).__name__}: {one_line(str(e), 200)}") from None
+    return Request(rid, ids, chunk_token_ids, max_tokens, temperature, top_p)
 
 
-def read_requests(lines, codec, mode: str):
-    """-> (requests, {position: error Result}, order of ids) so malformed lines keep their place in the output."""
-    requests, errors, order, seen = [], {}, [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        obj = None
+@dataclass
+class Line:
+    """One request line: its 1-based number, the id to report, and either a Request or an error message."""
+
+    number: int
+    id: object
+    request: Request | None = None
+    error: str | None = None
+
+
+def decode_line(raw) -> object:
+    """bytes or str -> the decoded JSON value; RequestError for invalid UTF-8, bad JSON or too deep nesting."""
+    if isinstance(raw, bytes):
         try:
-            obj = json.loads(line)
-            req = parse_request(obj, n, codec, mode)
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"not valid UTF-8: byte {raw[e.start:e.start + 1]!r} at offset {e.start}") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"JSONDecodeError: {e}") from None
+    except RecursionError:
+        raise RequestError("invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise RequestError(f"invalid JSON: {one_line(str(e), 200)}") from None
+
+
+def read_requests(lines, codec, mode: str, max_new_tokens: int = 1 << 30) -> list[Line]:
+    """Every non-blank line (bytes or str) -> a Line: a parsed Request, or that line's error. Never raises for
+    bad input: each problem names its field and the line's number, and the other lines are unaffected."""
+    out, seen = [], set()
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        rid = f"line-{n}"
+        try:
+            obj = decode_line(raw)
+            if isinstance(obj, dict):
+                try:
+                    rid = request_id(obj, n)
+                except RequestError:
+                    pass
+            req = parse_request(obj, n, codec, mode, max_new_tokens)
             if req.id in seen:
-                raise RequestError(f"line {n}: duplicate request id {req.id!r}")
-        except (json.JSONDecodeError, RequestError) as e:
-            rid = obj.get("id", f"line-{n}") if isinstance(obj, dict) else f"line-{n}"
-            errors[len(order)] = Result(str(rid), error=f"{type(e).__name__}: {e}")
-            order.append(None)
+                raise RequestError(f"duplicate request id {rid!r}")
+        except RequestError as e:
+            out.append(Line(n, rid, error=f"line {n}: {e}"))
+            continue
+        except Exception as e:  # never let one line stop the batch
+            out.append(Line(n, rid, error=f"line {n}: could not read the request: {type(e).__name__}: "
+                                         f"{one_line(str(e), 200)}"))
             continue
         seen.add(req.id)
-        requests.append(req)
-        order.append(req.id)
-    return requests, errors, order
+        out.append(Line(n, rid, request=req))
+    return out
+
+
+class ResultWriter:
+    """Result rows in input order, written as soon as every earlier row is final, to `OUTPUT.partial`;
+    `commit()` renames it to OUTPUT. Opened before the model loads, so an unwritable output fails first."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise UsageError(f"--output {self.path} is a directory")
+        if not self.path.parent.is_dir():
+            raise UsageError(f"--output {self.path}: directory {self.path.parent} does not exist")
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        try:
+            self.file = open(self.tmp, "w")
+        except OSError as e:
+            raise UsageError(f"--output {self.path} cannot be written: {e.strerror or e}") from None
+        self.rows, self.next, self.written = {}, 0, 0
+
+    def put(self, index: int, row: dict):
+        self.rows[index] = row
+        while self.next in self.rows:
+            self.file.write(json.dumps(self.rows.pop(self.next)) + "\n")
+            self.next += 1
+            self.written += 1
+        self.file.flush()
+
+    def commit(self):
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> str:
+        """Close, keeping what was written (or removing an empty file); says where the results are."""
+        self.file.close()
+        if self.written == 0:
+            self.tmp.unlink(missing_ok=True)
+            return "no results were written"
+        return f"the {self.written} results finished so far are in {self.tmp}"
+
+
+def read_input(path) -> list[bytes]:
+    """The input file's lines as bytes (each is decoded on its own, so one bad byte costs only its line)."""
+    try:
+        return Path(path).read_bytes().split(b"\n")
+    except OSError as e:
+        raise UsageError(f"--input {path} cannot be read: {e.strerror or e}") from None
+
+
+def result_row(line: Line, result: Result | None, codec) -> dict:
+    if result is None or result.error is not None:
+        error = line.error or f"line {line.number}: {result.error}"
+        return {"id": line.id, "line": line.number, "answer": None, "ttft_s": None, "output_tokens": 0,
+                "chunk_hits": 0, "chunk_misses": 0, "error": error}
+    return {"id": line.id, "line": line.number, "answer": codec.decode(result.tokens), "ttft_s": result.ttft_s,
+            "output_tokens": len(result.tokens), "chunk_hits": result.chunk_hits,
+            "chunk_misses": result.chunk_misses, "error": None}
 
 
 def percentile(values, q):
     return float(np.percentile(values, q)) if values else None
 
 
-def summarize(results: list[Result], elapsed: float, engine: Engine) -> dict:
+def summarize(results: list[Result], total: int, elapsed: float, engine: Engine) -> dict:
+    """Throughput and TTFT of the served `results` (of `total` request lines; the rest failed to parse)."""
     ok = [r for r in results if r.error is None]
     hits = [r.ttft_s for r in ok if r.chunk_hits and not r.chunk_misses]
     misses = [r.ttft_s for r in ok if r.chunk_misses]
@@ -136,7 +330,7 @@ def summarize(results: list[Result], elapsed: float, engine: Engine) -> dict:
     stats = engine.pool.stats
     looked_up = stats.hits + stats.misses
     return {
-        "requests": len(results), "errors": len(results) - len(ok), "elapsed_s": round(elapsed, 3),
+        "requests": total, "errors": total - len(ok), "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(ok) / elapsed, 3) if elapsed else None,
         "output_tokens_per_s": round(sum(len(r.tokens) for r in ok) / elapsed, 2) if elapsed else None,
         "ttft_hit_p50_s": percentile(hits, 50), "ttft_hit_p95_s": percentile(hits, 95),
@@ -150,9 +344,11 @@ def summarize(results: list[Result], elapsed: float, engine: Engine) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="smollm2_comb")
-    ap.add_argument("--checkpoint", default=None, help="train.py run dir or checkpoint dir (comb params)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="train.py run dir or checkpoint dir (comb params), or a Comb directory in the Hugging Face "
+                         "layout (export_comb's or the release's: its own model config and tokenizer)")
     ap.add_argument("--input", default=None, help="requests JSONL (default: the built-in demo batch)")
     ap.add_argument("--output", default="results.jsonl")
     ap.add_argument("--mode", choices=("comb", "full"), default="comb",
@@ -163,43 +359,48 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     cfg = load_config(args.config, args.overrides)
-    codec = make_codec(cfg)
-    params = load_params(cfg, args.checkpoint)
-    engine = Engine(cfg, params, stop_ids=codec.stop_ids, tokenizer_id=codec.name, mode=args.mode)
+    lines = read_input(args.input) if args.input else [json.dumps(r) for r in demo_requests()]
+    writer = ResultWriter(args.output)  # before the model loads: an unwritable output fails in a second
+    try:
+        cfg, params = load_model(cfg, args.checkpoint)
+        codec = make_codec(cfg)
+        bos = getattr(codec.tok, "bos_token_id", None) if codec.tok is not None else None
+        engine = Engine(cfg, params, stop_ids=codec.stop_ids, tokenizer_id=codec.name, mode=args.mode, bos_id=bos)
+        parsed = read_requests(lines, codec, args.mode, cfg.serve.max_new_tokens)
+        index = {ln.request.id: i for i, ln in enumerate(parsed) if ln.request is not None}
+        rows: dict[int, dict] = {}
 
-    if args.input:
-        with open(args.input) as f:
-            lines = f.readlines()
-    else:
-        lines = [json.dumps(r) for r in demo_requests()]
-    requests, errors, order = read_requests(lines, codec, args.mode)
+        def emit(i: int, result: Result | None):
+            rows[i] = result_row(parsed[i], result, codec)
+            writer.put(i, rows[i])
 
-    if args.warmup:
-        engine.warmup()
-    compiles = compile_count()
-    start = time.perf_counter()
-    with tqdm(total=len(requests), desc=f"serve {args.mode}", unit="req", file=sys.stderr) as bar:
-        served = {r.id: r for r in engine.run(requests, progress=bar)}
-    elapsed = time.perf_counter() - start
+        for i, ln in enumerate(parsed):
+            if ln.error is not None:
+                emit(i, None)
+        if args.warmup:
+            engine.warmup()
+        requests = [ln.request for ln in parsed if ln.request is not None]
+        compiles = compile_count()
+        start = time.perf_counter()
+        with tqdm(total=len(requests), desc=f"serve {args.mode}", unit="req", file=sys.stderr) as bar:
+            served = engine.run(requests, progress=bar, on_result=lambda res: emit(index[res.id], res))
+        elapsed = time.perf_counter() - start
+        writer.commit()
+    except BaseException:
+        print(f"serve.py: stopped before the end; {writer.abort()}", file=sys.stderr)
+        raise
 
-    results = [errors[i] if rid is None else served[rid] for i, rid in enumerate(order)]
-    answers = [None if r.error else codec.decode(r.tokens) for r in results]
-    with open(args.output, "w") as f:
-        for r, answer in zip(results, answers):
-            f.write(json.dumps({
-                "id": r.id, "answer": answer, "ttft_s": r.ttft_s,
-                "output_tokens": len(r.tokens), "chunk_hits": r.chunk_hits, "chunk_misses": r.chunk_misses,
-                "error": r.error}) + "\n")
+    results = [rows[i] for i in range(len(parsed))]
     if not args.input:  # the demo batch: show what was answered, and from where
-        for r, answer in zip(results, answers):
-            where = f"{r.chunk_hits} hit / {r.chunk_misses} miss"
-            ttft = f"{r.ttft_s:.3f}s" if r.ttft_s is not None else "-"
-            print(f"{r.id:16} {where:14} ttft {ttft:>7}  {r.error or answer!r}", file=sys.stderr)
-    summary = summarize(results, elapsed, engine)
+        for r in results:
+            where = f"{r['chunk_hits']} hit / {r['chunk_misses']} miss"
+            ttft = f"{r['ttft_s']:.3f}s" if r["ttft_s"] is not None else "-"
+            print(f"{r['id']:16} {where:14} ttft {ttft:>7}  {r['error'] or r['answer']!r}", file=sys.stderr)
+    summary = summarize(served, len(results), elapsed, engine)
     summary["compilations_while_serving"] = compile_count() - compiles  # TTFT of those batches includes them
     print(json.dumps({"summary": summary, "mode": args.mode, "config": cfg.name, "output": args.output}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "serve.py"))

@@ -10,6 +10,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +47,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     max_position: int = 8192
     num_cross_layers: int = 2  # E: encoder blocks == cross blocks == PICache layers
+    # How the model reads a request's context (a property of how it was trained; recorded in the export):
+    # per_chunk: every chunk is its own PICache entry (ours); whole_context: the chunks' ids concatenated into one
+    # entry, cached and reused as a unit (the release). context_bos puts the tokenizer's BOS first in each entry.
+    context_encoding: str = "per_chunk"
+    context_bos: bool = False
+    # The encoder reads its own frozen embedding (backbone["encoder_embed"]) instead of the decoder's: set by
+    # import when a release checkpoint's chunk_model.embed_tokens differs from its decoder embedding.
+    separate_encoder_embed: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -95,12 +107,28 @@ class TrainConfig:
     grad_clip: float = 1.0
     gate_attn_lr_multiplier: float = 1.0  # the cross-attention gates learn this many times faster (1 = release)
     gate_mlp_lr_multiplier: float = 1.0  # the same for the cross blocks' MLP gates
+    cross_out_lr_multiplier: float = 1.0  # the same for the cross attention's o_proj (see training.make_optimizer)
     batch_size: int = 32
     grad_accum_steps: int = 1  # the batch is split into this many sequential micro-batches (activation memory / A)
     steps: int = 1000
     seed: int = 0
     kl_weight: float = 0.0
+    # hidden-state distillation: the residual stream after each cross block (at the answer positions) is pulled
+    # towards the full-prompt backbone's at the same depth (a dense target for every cross block)
+    hidden_weight: float = 0.0
+    # what the loss trains: "answer" (cross-entropy on answer tokens, plus the kl/hidden terms) or "kv" (the encoder
+    # alone: its K/V regressed onto the frozen backbone's own pre-RoPE K/V of the same chunk at layer c_k)
+    objective: str = "answer"
+    init_checkpoint: str = ""  # start the comb params from this run / step dir instead of `init` (e.g. a "kv" run)
+    # tanh of the attention gates at init (0 = the release: closed gates, every cross weight without gradient)
+    init_attn_gate: float = 0.0
+    zero_cross_out: bool = False  # zero the cross o_proj at init: with open gates the model still equals the backbone
+    # initial weight of the cross blocks' q_norm and k_norm (release: 1). The cross logits are
+    # q_norm(q) . k_norm(k) / sqrt(head_dim), at most 8 * w_q * w_k for head_dim 64, so at 1 the attention over a few
+    # hundred chunk tokens starts nearly uniform; 2 gives the logit range of the backbone's own attention.
+    init_qk_norm: float = 1.0
     dataset: str = "squad"  # squad | xsum | jsonl:PATH
+    eval_dataset: str = ""  # empty: the dataset's own eval split (a jsonl file serves both); else as `dataset`
     num_distractors: int = 2
     max_chunks: int = 8  # chunks per example (XSum documents are cut to this many)
     train_examples: int = 0  # 0 = every training example; N > 0 = a seeded subset of N
@@ -111,6 +139,7 @@ class TrainConfig:
     max_decoder_tokens: int = 512
     chunk_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     decoder_buckets: tuple[int, ...] = (64, 128, 256, 512)
+    teacher_buckets: tuple[int, ...] = (128, 256, 512, 768, 1024, 2048, 4096, 8192)  # full-prompt lengths (KL, hidden)
     eval_every: int = 100  # 0 = no eval
     eval_at_start: bool = False  # also evaluate before the first step of a fresh run (the untrained baseline)
     eval_examples: int = 64
@@ -158,16 +187,31 @@ def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
+def config_path(name: str) -> Path:
+    """`configs/NAME.py` for a config name, or a `.py` file given by path that lies directly inside configs/."""
+    valid = ", ".join(available_configs())
+    if re.fullmatch(r"[A-Za-z0-9_]+(\.py)?", name or ""):
+        path = CONFIG_DIR / f"{name.removesuffix('.py')}.py"
+        if path.is_file():
+            return path
+        raise ConfigError(f"unknown config {name!r}; valid configs: {valid}")
+    path = Path(name).resolve()
+    if path.suffix == ".py" and path.parent == CONFIG_DIR and path.is_file() and not path.stem.startswith("_"):
+        return path
+    raise ConfigError(f"unknown config {name!r}: --config takes a name from configs/ or a file inside {CONFIG_DIR}; "
+                      f"valid configs: {valid}")
+
+
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the named config and apply `key=value` overrides."""
-    path = CONFIG_DIR / f"{name}.py"
-    if not path.is_file():
-        raise ConfigError(f"unknown config {name!r}; valid configs: {', '.join(available_configs())}")
-    spec = importlib.util.spec_from_file_location(f"comb_configs.{name}", path)
+    """Build the named config, apply `key=value` overrides and validate the result."""
+    path = config_path(name)
+    spec = importlib.util.spec_from_file_location(f"comb_configs.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.config()
-    return resolve_dtypes(apply_overrides(cfg, overrides))
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: config() must return a Config, got {type(cfg).__name__}")
+    return validate(resolve_dtypes(apply_overrides(cfg, overrides)))
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -211,6 +255,8 @@ def _parse_value(text: str, current):
         if current is None:
             return text
         raise ConfigError(f"cannot parse {text!r} as {type(current).__name__}") from None
+    if isinstance(value, bool) and not isinstance(current, bool) and isinstance(current, (int, float)):
+        raise ConfigError(f"expected {type(current).__name__}, got the boolean {text!r}")
     if isinstance(current, float) and isinstance(value, int):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
@@ -243,6 +289,107 @@ def apply_overrides(cfg: Config, overrides) -> Config:
             key = matches[0]
         try:
             cfg = _replace_path(cfg, key.split("."), text)
-        except ConfigError as e:
+        except (ConfigError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
+    return validate(cfg) if overrides else cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: every value checked when the config is built, so a bad one fails at once and names its key.
+
+_positive = (lambda v: v > 0, "must be > 0")
+_at_least_1 = (lambda v: v >= 1, "must be >= 1")
+_non_negative = (lambda v: v >= 0, "must be >= 0")
+_buckets = (lambda v: len(v) > 0 and all(b > 0 for b in v), "must be a non-empty tuple of positive sizes")
+
+
+def _one_of(*names):
+    return (lambda v: v in names, f"must be one of {', '.join(names)}")
+
+
+RULES = {
+    "model.vocab_size": _at_least_1, "model.hidden": _at_least_1, "model.mlp_hidden": _at_least_1,
+    "model.num_layers": _at_least_1, "model.num_heads": _at_least_1, "model.num_kv_heads": _at_least_1,
+    "model.head_dim": (lambda v: v >= 2 and v % 2 == 0, "must be a positive even number (RoPE rotates pairs)"),
+    "model.rms_eps": _positive, "model.rope_theta": _positive, "model.max_position": _at_least_1,
+    "model.num_cross_layers": _at_least_1, "model.context_encoding": _one_of("per_chunk", "whole_context"),
+    "weights.source": _one_of("random", "gguf", "hf"),
+    "mesh.data": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
+    "mesh.fsdp": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
+    "mesh.tensor": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
+    "train.init": _one_of("random", "warm"), "train.learning_rate": _non_negative,
+    "train.weight_decay": _non_negative, "train.warmup_steps": _non_negative,
+    "train.schedule": _one_of("constant", "cosine"), "train.grad_clip": _positive,
+    "train.gate_attn_lr_multiplier": _non_negative, "train.gate_mlp_lr_multiplier": _non_negative,
+    "train.cross_out_lr_multiplier": _non_negative,
+    "train.batch_size": _at_least_1, "train.grad_accum_steps": _at_least_1, "train.steps": _at_least_1,
+    "train.kl_weight": _non_negative, "train.hidden_weight": _non_negative,
+    "train.init_attn_gate": (lambda v: 0 <= v < 1, "must be in [0, 1) (it is tanh of the gate)"),
+    "train.init_qk_norm": _positive, "train.objective": _one_of("answer", "kv"),
+    "train.num_distractors": _non_negative, "train.max_chunks": _at_least_1,
+    "train.train_examples": _non_negative, "train.targets": _one_of("auto", "teacher", "gold"),
+    "train.teacher_max_tokens": _at_least_1, "train.max_chunk_tokens": _at_least_1,
+    "train.max_decoder_tokens": _at_least_1, "train.chunk_buckets": _buckets, "train.decoder_buckets": _buckets,
+    "train.teacher_buckets": _buckets,
+    "train.eval_every": _non_negative, "train.eval_examples": _non_negative, "train.checkpoint_every": _at_least_1,
+    "train.keep_checkpoints": _at_least_1, "train.run_dir": (lambda v: v.strip() != "", "must not be empty"),
+    "serve.page_tokens": _at_least_1, "serve.pool_tokens": _at_least_1,
+    "serve.pool_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"), "serve.encode_batch": _at_least_1,
+    "serve.max_chunk_tokens": _at_least_1, "serve.max_context_tokens": _at_least_1, "serve.max_batch": _at_least_1,
+    "serve.max_new_tokens": _at_least_1, "serve.prompt_buckets": _buckets, "serve.chunk_buckets": _buckets,
+    "serve.context_buckets": _buckets, "param_dtype": _one_of("float32", "bfloat16"),
+}
+
+
+def _type_error(value, hint) -> str | None:
+    """Why `value` does not fit the annotation `hint` (None if it does; unknown annotations are not checked)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return None if isinstance(value, bool) else "a boolean"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "a number"
+        return None if math.isfinite(value) else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, tuple):
+            return "a tuple"
+        bad = [_type_error(v, args[0]) for v in value]
+        return next((f"a tuple of {b.split(' ', 1)[1]}s" for b in bad if b), None)
+    if origin in (typing.Union, types.UnionType):
+        errors = [_type_error(value, a) for a in args]
+        return None if any(e is None for e in errors) else " or ".join(e for e in errors if e)
+    if hint is type(None):
+        return None if value is None else "null"
+    if dataclasses.is_dataclass(hint):
+        return None if isinstance(value, hint) else f"a {hint.__name__}"
+    return None
+
+
+def _validate_tree(obj, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{prefix}{f.name}"
+        problem = _type_error(value, hints.get(f.name, typing.Any))
+        if problem:
+            raise ConfigError(f"{path}={value!r}: expected {problem}")
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value, path + ".")
+        elif path in RULES:
+            check, message = RULES[path]
+            if not check(value):
+                raise ConfigError(f"{path}={value!r} {message}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field's type and range (ConfigError naming the first bad key); returns `cfg` unchanged."""
+    _validate_tree(cfg)
+    if sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError(f"mesh: at most one axis may be -1, got {cfg.mesh}")
+    if cfg.serve.pool_tokens < cfg.serve.page_tokens:
+        raise ConfigError(f"serve.pool_tokens={cfg.serve.pool_tokens} is less than one page "
+                          f"(serve.page_tokens={cfg.serve.page_tokens})")
     return cfg

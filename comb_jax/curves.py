@@ -2,8 +2,9 @@
 
     python -m comb_jax.curves runs/smollm2_warm runs/smollm2_random --out docs/training_curves.png [--smooth 10]
 
-Left: training loss (moving average over `--smooth` steps) against step; right: the periodic eval loss and F1
-(against the gold answers and against the training targets).
+Panels: training loss (moving average over `--smooth` steps) against step; the periodic eval loss and F1 (against
+the gold answers and against the training targets); reading (answer containment and context gap closed, when the
+run logged them); the cross blocks' gates over time (mean |tanh(gate)| of the attention and MLP gates).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def plot_runs(run_dirs: list[str], out: str | Path, smooth: int = 10) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (ax_loss, ax_eval), (ax_read, ax_gate) = axes
     for run in run_dirs:
         records = read_metrics(run)
         name = Path(run).name
@@ -57,11 +59,23 @@ def plot_runs(run_dirs: list[str], out: str | Path, smooth: int = 10) -> Path:
             ax_eval.plot(x, [r["eval_loss"] for r in evals], "o-", label=f"{name}: eval loss")
             ax_eval.plot(x, [r["eval_f1_target"] for r in evals], "s--", label=f"{name}: F1 vs targets")
             ax_eval.plot(x, [r["eval_f1"] for r in evals], "^:", label=f"{name}: F1 vs gold")
+            for key, style, label in (("eval_contain", "o-", "containment"), ("eval_gap_closed", "s--", "gap closed"),
+                                      ("eval_reading_gap_closed", "^:", "gap closed by the right chunks")):
+                points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+                if points:
+                    ax_read.plot(*zip(*points), style, label=f"{name}: {label}")
+        for key, style in (("gate_attn", "-"), ("gate_mlp", ":")):
+            points = [(r["step"], float(np.mean(np.abs(r[key])))) for r in trained if key in r]
+            if points:
+                ax_gate.plot(*zip(*points), style, label=f"{name}: {key}")
     ax_loss.set(xlabel="step", ylabel=f"train loss (moving average, {smooth} steps)", title="training loss")
     ax_eval.set(xlabel="step", title="held-out eval")
-    for ax in (ax_loss, ax_eval):
+    ax_read.set(xlabel="step", title="reading: containment, context gap closed")
+    ax_gate.set(xlabel="step", ylabel="mean |tanh(gate)|", title="cross-block gates")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,12 @@ def jsonl_examples(path: str | Path) -> list[Example]:
 
 
 def load_examples(tc, data_dir: str | Path, split: str) -> list[Example]:
-    """Examples for TrainConfig `tc` (dataset squad | xsum | jsonl:PATH); `train_examples` > 0 subsamples train."""
+    """Examples for TrainConfig `tc` (dataset squad | xsum | jsonl:PATH); `train_examples` > 0 subsamples train.
+
+    The eval split comes from `tc.eval_dataset` when it is set (e.g. a held-out needle file next to a training one).
+    """
+    if split == "eval" and tc.eval_dataset:
+        tc = dataclasses.replace(tc, dataset=tc.eval_dataset, eval_dataset="")
     if tc.dataset == "squad":
         examples = squad_examples(data_dir, split, tc.num_distractors, tc.seed)
     elif tc.dataset == "xsum":
@@ -192,6 +197,15 @@ class Codec:
         return "bytes" if self.tok is None else f"{type(self.tok).__name__}:{self.tok.name_or_path}:{len(self.tok)}"
 
     def encode(self, text: str) -> list[int]:
+        """Ids of user text (chunks, answers): a control token's spelling inside it is text, never control."""
+        if self.tok is None:
+            return list(text.encode("utf-8"))
+        from comb_jax.tokenizer import text_ids
+
+        return text_ids(self.tok, text)
+
+    def encode_markup(self, text: str) -> list[int]:
+        """Ids of chat-template text, whose control tokens (`<|im_start|>`) are control tokens."""
         if self.tok is None:
             return list(text.encode("utf-8"))
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -324,6 +338,12 @@ def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_pa
 # Tokenization and batching
 
 
+def needs_teacher_forward(tc) -> bool:
+    """Whether the loss reads the full-prompt backbone (KL or hidden-state distillation): batches then carry
+    teacher_tokens / teacher_index."""
+    return tc.kl_weight > 0 or tc.hidden_weight > 0
+
+
 def tokenize(example: Example, codec: Codec, tc) -> dict:
     """Example -> {"chunks": [ids per chunk], "prompt": ids, "answer": ids} within the configured limits."""
     if len(example.chunks) > tc.max_chunks:
@@ -337,7 +357,7 @@ def tokenize(example: Example, codec: Codec, tc) -> dict:
     # the decoder sees prompt + answer[:-1] and predicts answer; keep the total within max_decoder_tokens + 1
     answer = answer[: tc.max_decoder_tokens + 1 - len(prompt)]
     features = {"chunks": chunks, "prompt": prompt, "answer": answer}
-    if tc.kl_weight > 0:  # the teacher reads the same answer after the full-context prompt
+    if needs_teacher_forward(tc):  # the teacher reads the same answer after the full-context prompt
         features["teacher_prompt"] = codec.teacher_prompt_ids(example.chunks, example.question)
     return features
 
@@ -372,7 +392,7 @@ def collate(features: list[dict], tc) -> dict[str, np.ndarray]:
 def _teacher_arrays(features: list[dict], td: int, tc) -> dict[str, np.ndarray]:
     """teacher_tokens [B, S]: full-context prompt + answer; teacher_index [B, td]: for each student position
     whose target is answer token j, the teacher position whose target is the same token (0 elsewhere)."""
-    buckets = sorted(set(tc.decoder_buckets) | set(tc.chunk_buckets))
+    buckets = sorted(tc.teacher_buckets)
     s = _bucket(max(len(f["teacher_prompt"]) + len(f["answer"]) - 1 for f in features), buckets, "teacher sequence")
     teacher_tokens = np.zeros((len(features), s), np.int32)
     teacher_index = np.zeros((len(features), td), np.int32)

@@ -11,6 +11,11 @@ Per batch of up to `serve.max_batch` requests (the batch axis is always padded t
 A batch in which no request has chunks runs the plain backbone (no cross blocks). Every shape is a bucket,
 so after `warmup()` no request mix within the buckets compiles anything (see `compile_count`).
 
+What becomes a pool entry follows `model.context_encoding`: per_chunk (each chunk its own entry, any order
+reuses them) or whole_context (a request's chunks concatenated into one entry, as the release trains; reused only
+for the same chunks in the same order), with the tokenizer's BOS first in each entry when `model.context_bos`.
+The pool's hit and miss counters count each served request once (not a deferred or failed one).
+
 mode="full" is the no-PIC baseline: the caller inlines the chunks into the prompt (`Request.chunk_ids`
 empty), and the prompt buckets grow by the context buckets so the whole prompt is prefilled by the decoder.
 """
@@ -115,15 +120,18 @@ class Engine:
     """Serves batches of `Request`s. params: the full tree {"backbone", "comb"}; stop_ids end generation."""
 
     def __init__(self, cfg: Config, params, *, stop_ids=(), tokenizer_id: str = "raw-ids", mode: str = "comb",
-                 mesh=None):
+                 mesh=None, bos_id: int | None = None):
         if mode not in ("comb", "full"):
             raise ValueError(f"mode must be 'comb' or 'full', got {mode!r}")
-        self.cfg, self.serve, self.mode = cfg, cfg.serve, mode
+        if cfg.model.context_bos and bos_id is None and mode == "comb":
+            raise ValueError("model.context_bos=true needs the tokenizer's BOS id (Engine(bos_id=...))")
+        self.cfg, self.serve, self.mode, self.bos_id = cfg, cfg.serve, mode, bos_id
         self.dtype = jnp.dtype(cfg.compute_dtype)
         self.mesh = mesh if mesh is not None else serving_mesh(cfg)
         self.params = shard_params(params, model_layout(cfg.model), self.mesh)
         self.stop_ids = tuple(int(i) for i in stop_ids)
-        fp = fingerprint(params["comb"]["encoder"], params["backbone"]["embed"], tokenizer_id)
+        encoder_embed = params["backbone"].get("encoder_embed", params["backbone"]["embed"])
+        fp = fingerprint(params["comb"]["encoder"], encoder_embed, tokenizer_id)
         self.pool = PagePool(cfg.model, cfg.serve, fp, self.mesh, self.dtype)
         s = self.serve
         self.context_buckets = tuple(sorted(b for b in s.context_buckets if b % s.page_tokens == 0))
@@ -137,6 +145,17 @@ class Engine:
 
     # -- validation ---------------------------------------------------------------------------------------
 
+    def context_entries(self, r: Request) -> list[list[int]]:
+        """Token ids of a request's pool entries: one per chunk (per_chunk) or all chunks concatenated in order
+        (whole_context); each starts with BOS when `model.context_bos`."""
+        m = self.cfg.model
+        entries = [[int(i) for i in ids] for ids in r.chunk_ids]
+        if m.context_encoding == "whole_context" and entries:
+            entries = [[i for ids in entries for i in ids]]
+        if m.context_bos:
+            entries = [[self.bos_id, *ids] for ids in entries]
+        return entries
+
     def _check(self, r: Request):
         s = self.serve
         if not r.prompt_ids:
@@ -146,31 +165,41 @@ class Engine:
                                f"{max(self.prompt_buckets)}")
         if not 0 <= r.max_tokens <= s.max_new_tokens:
             raise RequestError(f"max_tokens={r.max_tokens} outside [0, serve.max_new_tokens={s.max_new_tokens}]")
-        if r.temperature < 0 or not 0 < r.top_p <= 1:
-            raise RequestError(f"temperature={r.temperature} must be >= 0 and top_p={r.top_p} in (0, 1]")
+        if not 0 <= r.temperature < float("inf") or not 0 < r.top_p <= 1:
+            raise RequestError(f"temperature={r.temperature} must be finite and >= 0 and top_p={r.top_p} in (0, 1]")
         if self.mode == "full" and r.chunk_ids:
             raise RequestError("mode 'full' takes the chunks inlined in the prompt, not as chunk_ids")
         vocab = self.cfg.model.vocab_size
-        for ids in [r.prompt_ids, *r.chunk_ids]:
+        entries = self.context_entries(r)
+        for ids in [r.prompt_ids, *entries]:
             if any(not 0 <= int(i) < vocab for i in ids):
                 raise RequestError(f"token id outside the vocabulary [0, {vocab})")
-        for ids in r.chunk_ids:
+        whole = self.cfg.model.context_encoding == "whole_context"
+        for n, ids in enumerate(entries):
+            where = "the whole context (chunks)" if whole else f"chunks[{n}]"
+            if len(ids) == 0:
+                raise RequestError(f"{where} is empty")
             if len(ids) > s.max_chunk_tokens:
-                raise RequestError(f"chunk of {len(ids)} tokens exceeds max_chunk_tokens={s.max_chunk_tokens}")
-        context = sum(self.pool.pages_for(len(ids)) for ids in r.chunk_ids) * s.page_tokens
+                raise RequestError(f"{where}: chunk of {len(ids)} tokens exceeds serve.max_chunk_tokens="
+                                   f"{s.max_chunk_tokens}")
+        pages = sum(self.pool.pages_for(len(ids)) for ids in {tuple(ids) for ids in entries})
+        if pages > self.pool.num_pages:
+            raise RequestError(f"chunks: the context needs {pages} pages but the whole pool has "
+                               f"{self.pool.num_pages}: this request can never fit (serve.pool_tokens)")
+        context = sum(self.pool.pages_for(len(ids)) for ids in entries) * s.page_tokens
         limit = min(s.max_context_tokens, max(self.context_buckets))
         if context > limit:
-            raise RequestError(f"context of {context} page-rounded tokens exceeds {limit} "
+            raise RequestError(f"chunks: context of {context} page-rounded tokens exceeds {limit} "
                                f"(max_context_tokens / largest context bucket)")
 
     # -- pool ---------------------------------------------------------------------------------------------
 
     def _acquire(self, r: Request):
-        """All of a request's chunks, or none (released again) if one does not fit."""
+        """All of a request's entries, or none (released again) if one does not fit. Counted once served."""
         held = []
         try:
-            for ids in r.chunk_ids:
-                held.append(self.pool.acquire(ids))
+            for ids in self.context_entries(r):
+                held.append(self.pool.acquire(ids, count=False))
         except RequestError:
             self._release([e for e, _ in held])
             raise
@@ -183,11 +212,23 @@ class Engine:
 
     # -- batches ------------------------------------------------------------------------------------------
 
-    def run(self, requests: list[Request], progress=None) -> list[Result]:
-        """Serve every request; results in request order. A bad request gets `Result.error`, the rest run."""
+    def run(self, requests: list[Request], progress=None, on_result=None) -> list[Result]:
+        """Serve every request; results in request order. A bad request gets `Result.error`, the rest run.
+
+        `on_result(result)` is called as each result becomes final (errors at once, answers after their batch),
+        so a caller can write them out before the whole run is over.
+        """
         results = {r.id: Result(r.id) for r in requests}
         if len(results) != len(requests):
             raise ValueError("request ids must be unique")
+
+        def finish(done: list[Result]):
+            for res in done:
+                if progress is not None:
+                    progress.update(1)
+                if on_result is not None:
+                    on_result(res)
+
         pending = collections.deque()
         for r in requests:
             try:
@@ -195,8 +236,7 @@ class Engine:
                 pending.append(r)
             except RequestError as e:
                 results[r.id].error = str(e)
-                if progress is not None:
-                    progress.update(1)
+                finish([results[r.id]])
         while pending:
             start = time.perf_counter()
             batch, held = [], []
@@ -209,8 +249,7 @@ class Engine:
                         break
                     pending.popleft()
                     results[r.id].error = str(e)
-                    if progress is not None:
-                        progress.update(1)
+                    finish([results[r.id]])
                     continue
                 pending.popleft()
                 batch.append(r)
@@ -224,8 +263,9 @@ class Engine:
             finally:
                 for got in held:
                     self._release([e for e, _ in got])
-            if progress is not None:
-                progress.update(len(batch))
+            for r in batch:  # served: now its lookups count
+                self.pool.record(results[r.id].chunk_hits, results[r.id].chunk_misses)
+            finish([results[r.id] for r in batch])
         return [results[r.id] for r in requests]
 
     def _run_batch(self, batch: list[Request], entries: list[list], results: dict, start: float):

@@ -11,6 +11,9 @@ first; a request during which XLA compiled anything is left out of the timing st
 Measured per mode (written to OUT/results.json, OUT/results.md, OUT/results.png; per request to
 OUT/requests.jsonl):
 - score: QA F1 (LongBench normalisation, max over golds) or Rouge-L (xsum), per pass;
+- contain: `metrics.contains_answer`, the normalised gold occurs in the normalised answer as whole tokens (max over
+  golds), per pass: a 135M model answers in sentences, containment sees whether the fact is there;
+- same_answer_across_orders: fraction of requests whose answer tokens are identical in both passes;
 - ttft_hit_ms / ttft_miss_ms: median time to first token of requests whose chunks all came from the mode's
   cache / that had to compute at least one chunk (for "full" every request is a miss);
 - hit_rate_shuffled: chunks served from cache / chunks, in the shuffled pass;
@@ -20,6 +23,14 @@ OUT/requests.jsonl):
   over the context slots against the full prompt's, mean over question tokens, heads and requests;
 - hidden_cos: cosine similarity, against the full prompt, of the final hidden state that predicts the first
   answer token; same_answer: fraction of answers identical to the full prompt's.
+
+Once per run (it does not depend on the mode; `--no-reading` skips it), `reading_nlls` measures how much Comb reads:
+the teacher-forced NLL per answer token of each request's reference answer (`Codec.answer_ids(golds[0])`) with no
+context (the question alone, the plain backbone), with Comb (the same prompt reading the chunks' PICaches) and with
+the full prompt (context inlined, as mode "full" builds it), each averaged over requests, and
+gap_closed = (nll_none - nll_comb) / (nll_none - nll_full) from those means: 1 = Comb reads as well as the full
+prompt, 0 = as if there were no context. In results.json under "reading" (per request under "per_example") and as a
+second table in results.md.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import json
 import logging
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -38,7 +50,8 @@ import numpy as np
 from comb_jax import data
 from comb_jax.checkpoint import load_params
 from comb_jax.config import load_config
-from comb_jax.metrics import qa_f1, rouge_l
+from comb_jax.metrics import contains_answer, qa_f1, rouge_l
+from comb_jax.model import PICache, encode, forward, lm_logits
 from comb_jax.pic_modes import DECODER_MODES, MODES, PicRunner, Segments, attention_similarity, context_attention
 
 log = logging.getLogger("comb_jax.eval")
@@ -76,8 +89,10 @@ def build_segments(codec: data.Codec, chunks, question: str, max_chunk_tokens: i
     before, after = template.split(CONTEXT_MARK)
     # the blank lines are split "\n" | "\n" between pieces: that is how the whole prompt tokenizes too
     chunk_ids = tuple(tuple(codec.encode("\n" + c + "\n")[:max_chunk_tokens]) for c in chunks)
-    return Segments(prefix=tuple(codec.encode(before + "Context:")), chunks=chunk_ids,
-                    suffix=tuple(codec.encode("\nQuestion: " + question + after)),
+    # the template's pieces keep their control tokens; the question is text (it ends where `after`'s first
+    # control token starts, which is where the tokenizer splits the whole prompt too)
+    return Segments(prefix=tuple(codec.encode_markup(before + "Context:")), chunks=chunk_ids,
+                    suffix=tuple(codec.encode("\nQuestion: " + question) + codec.encode_markup(after)),
                     comb_prompt=tuple(codec.prompt_ids(question)),
                     comb_chunks=tuple(tuple(codec.encode(c)[:max_chunk_tokens]) for c in chunks))
 
@@ -113,6 +128,136 @@ def shuffled_order(n: int, rng: np.random.Generator) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Reading: teacher-forced NLL of the reference answer with no context, with Comb and with the full prompt
+
+NLL_BUCKET = 64  # decoder and chunk lengths are padded to multiples of this, so few shapes compile
+ANSWER_BUCKET = 16  # answer positions (where the LM head runs) are padded to multiples of this
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+@partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _answer_nll_sums(params, tokens, positions, targets, target_mask, chunk_tokens, chunk_mask, *, cfg, dtype):
+    """Summed NLL [B] of `targets` predicted at `positions`.
+
+    tokens [B, T]; positions, targets, target_mask [B, A]; chunk_tokens, chunk_mask [B, n, L] (each chunk encoded on
+    its own, joined along the context axis as training's `batch_picache` does) or None (no PICache: the backbone).
+    The LM head runs at the answer positions only.
+    """
+    picache = None
+    if chunk_tokens is not None:
+        b, n, length = chunk_tokens.shape
+        c = encode(params, chunk_tokens.reshape(b * n, length), chunk_mask.reshape(b * n, length), cfg, dtype)
+        e, _, _, kv, d = c.k.shape
+        picache = PICache(c.k.reshape(e, b, n * length, kv, d), c.v.reshape(e, b, n * length, kv, d),
+                          chunk_mask.reshape(b, n * length))
+    hidden, _ = forward(params, tokens, cfg, picache, dtype=dtype)
+    hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    log_probs = jax.nn.log_softmax(lm_logits(params, hidden), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return (nll * target_mask).sum(-1)
+
+
+def answer_nlls(params, model_cfg, prompts, answers, chunks=None, dtype=jnp.float32, batch_size: int = 8) -> np.ndarray:
+    """Teacher-forced NLL per answer token (mean over the answer's tokens) of each request: float64 [requests].
+
+    prompts[i], answers[i]: token ids (the decoder sees prompt + answer[:-1] and is scored on every answer token);
+    chunks: None (no PICache: the plain backbone, whatever params["comb"] holds) or, per request, a list of chunk
+    ids, each encoded on its own into a PICache that the cross blocks read (an empty list reads nothing).
+    Requests are batched by length into `batch_size` rows (the last batch repeats a row); lengths are padded to
+    multiples of NLL_BUCKET and the number of chunks to the largest, so repeated calls compile a few shapes only.
+    """
+    if len(answers) != len(prompts) or (chunks is not None and len(chunks) != len(prompts)):
+        raise ValueError("prompts, answers (and chunks) must have one entry per request")
+    if not len(prompts):
+        return np.zeros((0,), np.float64)
+    if any(not p for p in prompts) or any(not a for a in answers):
+        raise ValueError("every request needs a non-empty prompt and a non-empty answer")
+    dtype = jnp.dtype(dtype)
+    num_chunks = max(1, max(len(c) for c in chunks)) if chunks is not None else 0
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(answers[i]))
+    out = np.zeros((len(prompts),), np.float64)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        rows = rows + rows[-1:] * (batch_size - len(rows))
+        width = _round_up(max(len(prompts[i]) + len(answers[i]) - 1 for i in rows), NLL_BUCKET)
+        answer_width = _round_up(max(len(answers[i]) for i in rows), ANSWER_BUCKET)
+        tokens = np.zeros((batch_size, width), np.int32)
+        positions = np.zeros((batch_size, answer_width), np.int32)
+        targets = np.zeros((batch_size, answer_width), np.int32)
+        target_mask = np.zeros((batch_size, answer_width), np.float32)
+        for r, i in enumerate(rows):
+            seq = list(prompts[i]) + list(answers[i])
+            tokens[r, :len(seq) - 1] = seq[:-1]
+            k = len(answers[i])
+            positions[r, :k] = np.arange(len(prompts[i]) - 1, len(seq) - 1)
+            targets[r, :k] = answers[i]
+            target_mask[r, :k] = 1.0
+        chunk_tokens = chunk_mask = None
+        if chunks is not None:
+            length = _round_up(max([len(c) for i in rows for c in chunks[i]] or [1]), NLL_BUCKET)
+            chunk_tokens = np.zeros((batch_size, num_chunks, length), np.int32)
+            chunk_mask = np.zeros((batch_size, num_chunks, length), bool)
+            for r, i in enumerate(rows):
+                for j, c in enumerate(chunks[i]):
+                    chunk_tokens[r, j, :len(c)] = c
+                    chunk_mask[r, j, :len(c)] = True
+        sums = _answer_nll_sums(params, tokens, positions, targets, target_mask, chunk_tokens, chunk_mask,
+                                cfg=model_cfg, dtype=dtype)
+        sums = np.asarray(jax.device_get(sums), np.float64)
+        for r, i in enumerate(rows):  # a repeated row writes the same value again
+            out[i] = sums[r] / len(answers[i])
+    return out
+
+
+def gap_closed(nll_none: float, nll_comb: float, nll_full: float) -> float | None:
+    """(nll_none - nll_comb) / (nll_none - nll_full); None when the full prompt is no different from no context."""
+    denominator = nll_none - nll_full
+    value = (nll_none - nll_comb) / denominator if denominator else None
+    return value if value is not None and np.isfinite(value) else None
+
+
+def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Example], max_chunk_tokens: int,
+                 dtype=jnp.float32, batch_size: int = 8, answers: list[str] | None = None) -> dict:
+    """How much of the full prompt's advantage Comb recovers, on `examples` (needs only params and examples).
+
+    For each example, the teacher-forced NLL per token of `Codec.answer_ids(reference)` (reference: golds[0], or
+    `answers[i]` when given) after (a) the question alone with no PICache (`codec.prompt_ids(question)`: the plain
+    backbone), (b) the same prompt reading the Comb PICaches of the chunks (each `codec.encode(chunk)`, truncated to
+    `max_chunk_tokens`, as training and `build_segments` tokenize them), (c) the full prompt with the context
+    inlined (`build_segments(...).full`, what mode "full" prefills), and (d) with Comb reading another request's
+    chunks (the next one's): a trained Comb's answer style lowers (b) whether or not it reads, (d) only by style.
+    Returns {"nll_none", "nll_comb", "nll_full", "nll_comb_other": means over examples, "gap_closed": `gap_closed`
+    of those means (None if undefined), "reading_gap_closed": (nll_comb_other - nll_comb) / (nll_none - nll_full),
+    the part of the gap closed by reading the right chunks, "requests",
+    "per_example": {"id", "nll_none", "nll_comb", "nll_full": lists in example order}}.
+    """
+    refs = answers if answers is not None else [e.golds[0] for e in examples]
+    if len(refs) != len(examples):
+        raise ValueError(f"{len(refs)} answers for {len(examples)} examples")
+    segs = [build_segments(codec, e.chunks, e.question, max_chunk_tokens) for e in examples]
+    answer_ids = [codec.answer_ids(a) for a in refs]
+    comb_prompts = [list(s.comb_prompt) for s in segs]
+    run = partial(answer_nlls, params, model_cfg, dtype=dtype, batch_size=batch_size)
+    chunks = [list(s.comb_chunks) for s in segs]
+    nll = {"none": run(comb_prompts, answer_ids), "comb": run(comb_prompts, answer_ids, chunks),
+           "full": run([list(s.full) for s in segs], answer_ids)}
+    if len(examples) > 1:  # each question reading the next request's chunks: what style alone is worth
+        nll["comb_other"] = run(comb_prompts, answer_ids, chunks[1:] + chunks[:1])
+    means = {k: float(np.mean(v)) if len(v) else None for k, v in nll.items()}
+    gap = gap_closed(means["none"], means["comb"], means["full"]) if examples else None
+    other = means.get("comb_other")
+    reading_gap = (None if other is None or gap is None
+                   else gap_closed(other, means["comb"], other - (means["none"] - means["full"])))
+    return {"nll_none": means["none"], "nll_comb": means["comb"], "nll_full": means["full"], "gap_closed": gap,
+            "nll_comb_other": other, "reading_gap_closed": reading_gap, "requests": len(examples),
+            "per_example": {"id": [e.id for e in examples], **{f"nll_{k}": [float(x) for x in v]
+                                                                for k, v in nll.items()}}}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Running
 
 
@@ -125,8 +270,10 @@ def _mean(values):
 
 
 def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example], modes: list[str], *, metric: str,
-             max_chunk_tokens: int, seed: int, records_path: Path | None = None, progress: bool = True) -> dict:
-    """Run every mode over both passes; returns {"modes": {mode: summary}, ...} (see the module docstring)."""
+             max_chunk_tokens: int, seed: int, records_path: Path | None = None, progress: bool = True,
+             reading: bool = True) -> dict:
+    """Run every mode over both passes; returns {"modes": {mode: summary}, "reading": `reading_nlls` (unless
+    `reading` is False), ...} (see the module docstring)."""
     from tqdm import tqdm
 
     def score(pred: str, golds) -> float:
@@ -143,6 +290,7 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
     m = runner.cfg
     records_file = records_path.open("w") if records_path else None
     summary = {}
+    answered: dict = {}  # (mode, example id) -> answer tokens of the original pass
     try:
         for mode in modes:
             runner.reset()
@@ -159,11 +307,16 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
                     answer = runner.answer(mode, seg)
                     text = codec.decode(answer.tokens).strip()
                     row = {"mode": mode, "id": e.id, "pass": p, "answer": text, "score": score(text, e.golds),
+                           "contain": contains_answer(text, list(e.golds)),
                            "ttft_s": answer.ttft_s, "total_s": answer.total_s, "new_tokens": len(answer.tokens),
                            "chunk_hits": answer.chunk_hits, "num_chunks": answer.num_chunks,
                            "context_tokens": len(seg.context), "compiled": _compiles[0] != before}
                     attn = context_attention(runner, seg, answer) if mode in DECODER_MODES and "full" in modes else None
                     answer.kv_cache = None
+                    if p == PASSES[0]:
+                        answered[mode, e.id] = answer.tokens
+                    elif (mode, e.id) in answered:
+                        row["same_answer_across_orders"] = answer.tokens == answered[mode, e.id]
                     if mode == "full":
                         reference[e.id, p] = (answer.tokens, text, answer.last_hidden, attn)
                     if (e.id, p) in reference:
@@ -190,6 +343,10 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
                 "score_original": _mean([r["score"] for r in per_pass["original"]]),
                 "score_shuffled": _mean([r["score"] for r in per_pass["shuffled"]]),
                 "score_vs_full": _mean([r["score_vs_full"] for r in rows if "score_vs_full" in r]),
+                "contain_original": _mean([r["contain"] for r in per_pass["original"]]),
+                "contain_shuffled": _mean([r["contain"] for r in per_pass["shuffled"]]),
+                "same_answer_across_orders": _mean([float(r["same_answer_across_orders"]) for r in rows
+                                                    if "same_answer_across_orders" in r]),
                 "ttft_hit_ms": _median_ms(hit), "ttft_miss_ms": _median_ms(miss),
                 "timed_hits": len(hit), "timed_misses": len(miss), "untimed_compiling": len(rows) - len(timed),
                 "hit_rate_original": round(sum(r["chunk_hits"] for r in per_pass["original"])
@@ -209,7 +366,11 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
     finally:
         if records_file:
             records_file.close()
-    return {"metric": metric, "requests": len(requests), "modes": summary}
+    results = {"metric": metric, "requests": len(requests), "modes": summary}
+    if reading:
+        results["reading"] = reading_nlls(runner.params, runner.cfg, codec, examples, max_chunk_tokens, runner.dtype)
+        log.info(json.dumps({k: v for k, v in results["reading"].items() if k != "per_example"}))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,10 +379,19 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
 COLUMNS = [  # (key, header)
     ("score_original", "{metric} (original order)"), ("score_shuffled", "{metric} (shuffled)"),
     ("score_vs_full", "{metric} vs full's answer"),
+    ("contain_original", "contain (original order)"), ("contain_shuffled", "contain (shuffled)"),
     ("ttft_hit_ms", "TTFT hit ms"), ("ttft_miss_ms", "TTFT miss ms"), ("hit_rate_shuffled", "hit rate shuffled"),
     ("cache_bytes_per_token", "cache B/token"), ("decoder_kv_bytes_per_context_token", "decoder KV B/ctx token"),
     ("attn_sim", "attn sim"), ("hidden_cos", "hidden cos"), ("same_answer", "same answer as full"),
+    ("same_answer_across_orders", "same answer across orders"),
 ]
+READING_COLUMNS = [("nll_none", "NLL no context"), ("nll_comb", "NLL Comb"), ("nll_full", "NLL full prompt"),
+                   ("nll_comb_other", "NLL Comb, other request's chunks"), ("gap_closed", "gap closed"),
+                   ("reading_gap_closed", "gap closed by the right chunks")]
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(results: dict) -> str:
@@ -229,8 +399,14 @@ def markdown_table(results: dict) -> str:
     head = ["mode"] + [h.format(metric=metric) for _, h in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, s in results["modes"].items():
-        cells = ["" if s[k] is None else f"{s[k]:g}" if isinstance(s[k], float) else str(s[k]) for k, _ in COLUMNS]
-        lines.append("| " + " | ".join([mode] + cells) + " |")
+        lines.append("| " + " | ".join([mode] + [_cell(s.get(k)) for k, _ in COLUMNS]) + " |")
+    r = results.get("reading")
+    if r:
+        lines += ["", f"Reading: teacher-forced NLL per answer token of the reference answer, mean over "
+                      f"{r['requests']} requests; gap closed = (none - Comb) / (none - full).", "",
+                  "| " + " | ".join(h for _, h in READING_COLUMNS) + " |", "|" + "---|" * len(READING_COLUMNS),
+                  "| " + " | ".join(_cell(None if r[k] is None else round(r[k], 4)) for k, _ in READING_COLUMNS)
+                  + " |"]
     return "\n".join(lines) + "\n"
 
 
@@ -243,12 +419,18 @@ def plot(results: dict, path: Path):
     modes = list(results["modes"])
     s = results["modes"]
     x = np.arange(len(modes))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    value = lambda k: [s[m][k] or 0 for m in modes]  # noqa: E731
+    fig, axes = plt.subplots(2, 3, figsize=(16, 7))
+    value = lambda k: [s[m].get(k) or 0 for m in modes]  # noqa: E731
     ax = axes[0, 0]
     ax.bar(x - 0.2, value("score_original"), 0.4, label="original order")
     ax.bar(x + 0.2, value("score_shuffled"), 0.4, label="shuffled")
     ax.set_title(results["metric"]), ax.legend()
+    ax = axes[0, 2]
+    ax.bar(x - 0.2, value("contain_original"), 0.4, label="original order")
+    ax.bar(x + 0.2, value("contain_shuffled"), 0.4, label="shuffled")
+    ax.set_title("gold answer contained"), ax.legend()
+    axes[1, 2].bar(x, value("same_answer_across_orders"))
+    axes[1, 2].set_title("same answer in both chunk orders")
     ax = axes[0, 1]
     ax.bar(x - 0.2, value("ttft_hit_ms"), 0.4, label="hit")
     ax.bar(x + 0.2, value("ttft_miss_ms"), 0.4, label="miss")
@@ -261,7 +443,12 @@ def plot(results: dict, path: Path):
     axes[1, 1].set_title("chunk hit rate, shuffled order")
     for ax in axes.flat:
         ax.set_xticks(x, modes)
-    fig.suptitle(f"{results.get('config', '')} {results.get('dataset', '')}: {results['requests']} requests")
+    title = f"{results.get('config', '')} {results.get('dataset', '')}: {results['requests']} requests"
+    r = results.get("reading")
+    if r:
+        nlls = ", ".join(f"{h} {_cell(None if r[k] is None else round(r[k], 3))}" for k, h in READING_COLUMNS)
+        title += f"\n{nlls}"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -292,6 +479,7 @@ def parse_args(argv=None):
     ap.add_argument("--include-unanswerable", action="store_true", help="squad_multidoc: keep SQuAD 2.0 "
                     "unanswerable questions (gold: data.NO_ANSWER)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-reading", action="store_true", help="skip the teacher-forced NLLs and gap closed")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     return ap.parse_args(argv)
@@ -319,7 +507,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run_eval(runner, codec, examples, modes, metric=metric, max_chunk_tokens=cfg.serve.max_chunk_tokens,
-                       seed=args.seed, records_path=out / "requests.jsonl", progress=not args.no_progress)
+                       seed=args.seed, records_path=out / "requests.jsonl", progress=not args.no_progress,
+                       reading=not args.no_reading)
     results.update(config=cfg.name, checkpoint=args.checkpoint, dataset=args.dataset, epic_k=args.epic_k,
                    max_new_tokens=runner.max_new_tokens, compute_dtype=cfg.compute_dtype,
                    command="python -m comb_jax.eval " + " ".join(sys.argv[1:] if argv is None else argv))

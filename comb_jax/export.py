@@ -10,9 +10,18 @@ tokenizer, and safetensors under the names of `weights.hf_names` (spec section 5
 `model.safetensors.index.json` above `--max-shard-size`.
 
 Two names carry copies of the embedding, because the release's modules own them separately:
-`chunk_model.embed_tokens.weight` (the encoder's frozen embedding; in JAX the encoder reads the backbone's) and, for
-tied models, `language_model.lm_head.weight` (the release's loader expects a head under that name). Import checks
-that both equal `language_model.model.embed_tokens.weight`, because comb-jax cannot represent them differing.
+`chunk_model.embed_tokens.weight` (the encoder's frozen embedding; in JAX the encoder reads the backbone's unless
+the model has its own `encoder_embed`) and, for tied models, `language_model.lm_head.weight` (the release's loader
+expects a head under that name). Import accepts a tied directory without `lm_head.weight` (as `save_pretrained`
+writes it) and an encoder embedding that differs from the decoder's, which it keeps as `backbone["encoder_embed"]`.
+
+For the release's PyTorch code (transformers 4.x) config.json carries a top-level `use_cache`, the tokenizer is
+named `PreTrainedTokenizerFast`, and head_dim must equal hidden / heads (the release derives it). How the model
+reads its context (`context_encoding`, `context_bos`) is recorded in config.json and read back; a config.json
+without them is the release's own: the whole context as one chunk, starting with BOS.
+
+The output directory must be empty or new (`--overwrite` replaces it): everything is written to a temporary
+directory beside it and renamed into place at the end, so a failed export leaves the old directory as it was.
 
 `--decoder-only` writes a plain `LlamaForCausalLM` directory (plain HF names, no head tensor when tied, as
 transformers saves it).
@@ -20,10 +29,14 @@ transformers saves it).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
+import os
 import re
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +44,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from comb_jax.cli import Parser, run
 from comb_jax.config import ModelConfig, load_config
 from comb_jax.layout import check_shapes, model_layout
 from comb_jax.weights import SafetensorsDir, hf_names, model_config_from_hf, to_torch_layout, tree_from_tensors
@@ -84,6 +98,7 @@ def llama_config_dict(cfg: ModelConfig, tokenizer=None) -> dict:
         "max_position_embeddings": cfg.max_position,
         "attention_bias": False,
         "mlp_bias": False,
+        "use_cache": True,
     }
     if tokenizer is not None:
         for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -107,8 +122,20 @@ def comb_config_dict(cfg: ModelConfig, tokenizer=None, name: str = "") -> dict:
         "num_cross_attention_layers": e,
         "tie_word_embeddings": cfg.tie_embeddings,
         "pad_token_id": text.get("pad_token_id"),
+        "use_cache": True,  # read at the top level by the release's generate() under transformers 4.x
+        "context_encoding": cfg.context_encoding,
+        "context_bos": cfg.context_bos,
+        "separate_encoder_embed": cfg.separate_encoder_embed,
         "comb_jax_config": name,
     }
+
+
+def check_release_compatible(cfg: ModelConfig):
+    """The release's CombLlama derives head_dim = hidden_size / num_attention_heads: refuse what it cannot load."""
+    if cfg.head_dim * cfg.num_heads != cfg.hidden:
+        raise ValueError(f"cannot export a Comb model with head_dim={cfg.head_dim} != hidden_size / num_heads = "
+                         f"{cfg.hidden} / {cfg.num_heads}: the release's CombLlama derives head_dim from them, so it "
+                         "would build the wrong shapes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,7 +162,8 @@ def torch_tensor_plan(cfg: ModelConfig, params, comb: bool):
                      to_torch_layout(leaf if index is None else leaf[index], n_in)))
     embed = params["backbone"]["embed"]
     if comb:
-        plan.insert(1, ("chunk_model.embed_tokens.weight", embed.size, lambda: embed))
+        if not cfg.separate_encoder_embed:  # else hf_names lists the encoder's own embedding under this name
+            plan.insert(1, ("chunk_model.embed_tokens.weight", embed.size, lambda: embed))
         if cfg.tie_embeddings:
             plan.append((f"{COMB_PREFIX}lm_head.weight", embed.size, lambda: embed))
     return plan
@@ -155,8 +183,6 @@ def write_safetensors(plan, out: Path, dtype: np.dtype, max_shard_bytes: int) ->
         current_bytes += nbytes
     shards.append(current)
 
-    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:
-        stale.unlink(missing_ok=True)  # a previous export's shards would otherwise be read as ours
     files = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
@@ -175,34 +201,84 @@ def write_safetensors(plan, out: Path, dtype: np.dtype, max_shard_bytes: int) ->
     return files
 
 
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory unless `overwrite` (before any weights are loaded)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out} is not empty; pass --overwrite to replace it")
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """The tokenizer files, loadable by transformers 4.x too: `PreTrainedTokenizerFast`, chat template inline."""
+    tokenizer.save_pretrained(str(out))
+    config_file = out / "tokenizer_config.json"
+    if config_file.is_file() and (out / "tokenizer.json").is_file():
+        config = json.loads(config_file.read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # 5.x writes TokenizersBackend, unknown to 4.x
+        config.pop("backend", None)
+        template = out / "chat_template.jinja"
+        if "chat_template" not in config and template.is_file():
+            config["chat_template"] = template.read_text()
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
 def _export(cfg: ModelConfig, params, out_dir, config: dict, comb: bool, dtype: str, max_shard_size,
-            tokenizer) -> list[str]:
+            tokenizer, overwrite: bool) -> list[str]:
     if dtype not in DTYPES:
         raise ValueError(f"unknown export dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if comb:
+        check_release_compatible(cfg)
     check_shapes(model_layout(cfg) if comb else {"backbone": model_layout(cfg)["backbone"]},
                  {k: params[k] for k in (("backbone", "comb") if comb else ("backbone",))}, "export params")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(np.asarray, params)  # device -> host once, not once per layer slice
-    config = dict(config, torch_dtype=dtype)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    files = write_safetensors(torch_tensor_plan(cfg, params, comb), out, DTYPES[dtype], parse_size(max_shard_size))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    out = Path(out_dir).absolute()
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        params = jax.tree.map(np.asarray, params)  # device -> host once, not once per layer slice
+        config = dict(config, torch_dtype=dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        files = write_safetensors(torch_tensor_plan(cfg, params, comb), tmp, DTYPES[dtype],
+                                  parse_size(max_shard_size))
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
+        check_output_dir(out, overwrite)  # still true after the (long) write
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                (old / out.name).rename(out)
+                raise
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return files
 
 
 def export_comb(cfg: ModelConfig, params, out_dir, dtype: str = "float32", max_shard_size="2GB", tokenizer=None,
-                name: str = "") -> list[str]:
-    """Write a Comb directory (config.json, safetensors, tokenizer) from {"backbone", "comb"} params."""
+                name: str = "", overwrite: bool = False) -> list[str]:
+    """Write a Comb directory (config.json, safetensors, tokenizer) from {"backbone", "comb"} params.
+
+    `out_dir` must be new or empty unless `overwrite`; it is replaced only once the whole export is written.
+    """
     return _export(cfg, params, out_dir, comb_config_dict(cfg, tokenizer, name), True, dtype, max_shard_size,
-                   tokenizer)
+                   tokenizer, overwrite)
 
 
 def export_llama(cfg: ModelConfig, params, out_dir, dtype: str = "float32", max_shard_size="2GB",
-                 tokenizer=None) -> list[str]:
-    """Write a plain LlamaForCausalLM directory from params["backbone"]."""
-    return _export(cfg, params, out_dir, llama_config_dict(cfg, tokenizer), False, dtype, max_shard_size, tokenizer)
+                 tokenizer=None, overwrite: bool = False) -> list[str]:
+    """Write a plain LlamaForCausalLM directory from params["backbone"] (same rules for `out_dir`)."""
+    return _export(cfg, params, out_dir, llama_config_dict(cfg, tokenizer), False, dtype, max_shard_size, tokenizer,
+                   overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,19 +295,19 @@ def _read_config(path: Path, model_type: str) -> dict:
     return config
 
 
-def _read_params(cfg: ModelConfig, path: Path, comb: bool, dtype):
+def _read_params(cfg: ModelConfig, path: Path, comb: bool, dtype, reader=None):
     """Every expected tensor (missing -> KeyError, wrong shape -> ValueError, both naming it); no unknown ones."""
-    reader = SafetensorsDir(path)
+    reader = reader or SafetensorsDir(path)
     prefix = COMB_PREFIX if comb else ""
     params = tree_from_tensors(cfg, reader, dtype, comb=comb, decoder_prefix=prefix)
     embed_name = f"{prefix}model.embed_tokens.weight"
-    copies = ["chunk_model.embed_tokens.weight"] if comb else []
+    copies = ["chunk_model.embed_tokens.weight"] if comb and not cfg.separate_encoder_embed else []
     head_name = f"{prefix}lm_head.weight"
-    if cfg.tie_embeddings and (comb or head_name in reader):
+    if cfg.tie_embeddings and head_name in reader:  # save_pretrained leaves a tied head out
         copies.append(head_name)
     for name in copies:
         if not np.array_equal(reader(name), reader(embed_name)):
-            raise ValueError(f"tensor {name} in {path} differs from {embed_name}; comb-jax shares one embedding")
+            raise ValueError(f"tensor {name} in {path} differs from {embed_name}, but the model ties them")
     known = {n for _, n, _, _ in hf_names(cfg, prefix, comb)} | set(copies)
     unknown = sorted(set(reader.weight_map) - known)
     if unknown:
@@ -239,8 +315,15 @@ def _read_params(cfg: ModelConfig, path: Path, comb: bool, dtype):
     return params
 
 
+# A config.json without these keys is the release's: the whole context encoded as one chunk that starts with BOS.
+RELEASE_CONTEXT = {"context_encoding": "whole_context", "context_bos": True}
+OURS_BEFORE_CONTEXT_FIELDS = {"context_encoding": "per_chunk", "context_bos": False}
+
+
 def import_comb(path, dtype=np.float32) -> tuple[ModelConfig, dict]:
-    """A Comb directory (as written by `export_comb`) -> (ModelConfig, {"backbone", "comb"} numpy params)."""
+    """A Comb directory (`export_comb`'s, or the release's as `save_pretrained` writes it) -> (ModelConfig,
+    {"backbone", "comb"} numpy params). An encoder embedding that differs from the decoder's becomes
+    `backbone["encoder_embed"]` (`separate_encoder_embed`); the context encoding comes from config.json."""
     path = Path(path)
     config = _read_config(path, "combllama")
     cross = list(config["cross_attention_layers"])
@@ -253,7 +336,21 @@ def import_comb(path, dtype=np.float32) -> tuple[ModelConfig, dict]:
     if list(cfg.cross_layers) != cross:
         raise ValueError(f"{path}/config.json: cross_attention_layers={cross}, but comb-jax places {len(cross)} "
                          f"cross blocks over {n} layers at {list(cfg.cross_layers)}")
-    return cfg, _read_params(cfg, path, True, dtype)
+    defaults = OURS_BEFORE_CONTEXT_FIELDS if "comb_jax_config" in config else RELEASE_CONTEXT
+    encoding = config.get("context_encoding", defaults["context_encoding"])
+    bos = config.get("context_bos", defaults["context_bos"])
+    if encoding not in ("per_chunk", "whole_context") or not isinstance(bos, bool):
+        raise ValueError(f"{path}/config.json: context_encoding={encoding!r} (per_chunk | whole_context) and "
+                         f"context_bos={bos!r} (true | false)")
+    reader = SafetensorsDir(path)
+    separate = bool(config.get("separate_encoder_embed", False))
+    encoder_embed, embed = "chunk_model.embed_tokens.weight", f"{COMB_PREFIX}model.embed_tokens.weight"
+    if not separate and encoder_embed in reader and embed in reader:
+        separate = not np.array_equal(reader(encoder_embed), reader(embed))
+        if separate:
+            log.info("%s: the encoder's embedding differs from the decoder's; keeping it as its own array", path)
+    cfg = dataclasses.replace(cfg, context_encoding=encoding, context_bos=bos, separate_encoder_embed=separate)
+    return cfg, _read_params(cfg, path, True, dtype, reader)
 
 
 def import_llama(path, dtype=np.float32, num_cross_layers: int = 1) -> tuple[ModelConfig, dict]:
@@ -268,20 +365,24 @@ def import_llama(path, dtype=np.float32, num_cross_layers: int = 1) -> tuple[Mod
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m comb_jax.export", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m comb_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="config name in configs/")
     parser.add_argument("--checkpoint", help="Orbax checkpoint directory of train.py (default: fresh comb params)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--decoder-only", action="store_true", help="write a plain LlamaForCausalLM directory")
     parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (e.g. 2GB, 500MB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parse_size(args.max_shard_size)  # fail before loading weights
+    check_output_dir(Path(args.out).absolute(), args.overwrite)
 
     start = time.time()
     cfg = load_config(args.config, args.overrides)
+    if not args.decoder_only:
+        check_release_compatible(cfg.model)
     if args.decoder_only:
         if args.checkpoint:
             log.warning("--decoder-only exports the frozen backbone from cfg.weights; the checkpoint is not read")
@@ -298,9 +399,11 @@ def main(argv=None) -> dict:
 
         tokenizer = load_tokenizer(cfg)
     if args.decoder_only:
-        files = export_llama(cfg.model, params, args.out, args.dtype, args.max_shard_size, tokenizer)
+        files = export_llama(cfg.model, params, args.out, args.dtype, args.max_shard_size, tokenizer,
+                             overwrite=args.overwrite)
     else:
-        files = export_comb(cfg.model, params, args.out, args.dtype, args.max_shard_size, tokenizer, cfg.name)
+        files = export_comb(cfg.model, params, args.out, args.dtype, args.max_shard_size, tokenizer, cfg.name,
+                            overwrite=args.overwrite)
     summary = {
         "out": str(args.out), "kind": "llama" if args.decoder_only else "combllama", "dtype": args.dtype,
         "files": files, "bytes": sum((Path(args.out) / f).stat().st_size for f in files),
@@ -311,4 +414,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if run(main, "python -m comb_jax.export") else 1)

@@ -1,7 +1,8 @@
 """Every parameter of the model declared once: shape, logical axes, initialiser.
 
 The tree has two subtrees with different lifetimes:
-- `backbone`: the frozen Llama decoder (its embedding also feeds the encoder);
+- `backbone`: the frozen Llama decoder (its embedding also feeds the encoder, unless the model has its own frozen
+  `encoder_embed`, as an imported release checkpoint may);
 - `comb`: what Comb trains: `encoder` blocks with their `k_proj`/`v_proj`, and `cross` blocks.
 
 Abstract shapes, random init and shardings (see `sharding.py`) are all derived from this one declaration.
@@ -76,6 +77,8 @@ def model_layout(cfg: ModelConfig) -> dict:
     }
     if not cfg.tie_embeddings:
         backbone["lm_head"] = Param((cfg.hidden, cfg.vocab_size), ("embed", "vocab"))
+    if cfg.separate_encoder_embed:  # frozen like the rest of the backbone; read by the encoder only
+        backbone["encoder_embed"] = Param((cfg.vocab_size, cfg.hidden), ("vocab", "embed"))
     n, e, k, d = cfg.num_cross_layers, cfg.hidden, cfg.num_kv_heads, cfg.head_dim
     comb = {
         "encoder": {

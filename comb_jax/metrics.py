@@ -1,4 +1,4 @@
-"""Answer-quality metrics: QA F1 with LongBench normalisation and Rouge-L (spec section 6)."""
+"""Answer-quality metrics: QA F1 with LongBench normalisation, answer containment and Rouge-L (spec section 6)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,18 @@ def qa_f1(prediction: str, golds: list[str] | str) -> float:
     golds = [golds] if isinstance(golds, str) else golds
     pred = normalize_answer(prediction).split()
     return max((_f1(pred, normalize_answer(g).split()) for g in golds), default=0.0)
+
+
+def contains_answer(prediction: str, golds: list[str] | str) -> float:
+    """1.0 if a normalised gold answer occurs in the normalised prediction as a contiguous run of whole tokens
+    (so "1976" is not in "19765"), else 0.0; max over golds. A gold that normalises to nothing never counts."""
+    golds = [golds] if isinstance(golds, str) else golds
+    pred = normalize_answer(prediction).split()
+    for gold in golds:
+        g = normalize_answer(gold).split()
+        if g and any(pred[i:i + len(g)] == g for i in range(len(pred) - len(g) + 1)):
+            return 1.0
+    return 0.0
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:

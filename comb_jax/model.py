@@ -195,9 +195,10 @@ def cast(tree, dtype):
 def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: bool = False) -> PICache:
     """Encode chunks independently. tokens, mask: [B, L] (one chunk per row) -> PICache [E, B, L, K, D].
 
-    The embedding is the backbone's (frozen); attention is bidirectional under the key-padding mask.
+    The embedding is the backbone's (frozen; its own `encoder_embed` when the model has one); attention is
+    bidirectional under the key-padding mask.
     """
-    embed = params["backbone"]["embed"]
+    embed = params["backbone"].get("encoder_embed", params["backbone"]["embed"])
     enc = cast(params["comb"]["encoder"], dtype)
     x = embed[tokens].astype(dtype)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -242,7 +243,24 @@ def forward(params, tokens, cfg: ModelConfig, picache: PICache | CrossContext | 
     `picache=None` (or a row whose mask is all false) skips the cross blocks: the plain backbone. A
     `CrossContext` (see `cross_context`) is used as it is; a `PICache` is prepared here.
     """
-    bb = cast({k: v for k, v in params["backbone"].items() if k != "embed"}, dtype)
+    x, new_cache, _ = _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps=False)
+    return x, new_cache
+
+
+def forward_with_taps(params, tokens, cfg: ModelConfig, picache: PICache | CrossContext | None = None,
+                      dtype=jnp.float32, remat: bool = False):
+    """`forward` without a KV cache that also returns the residual stream where each cross block writes.
+
+    tokens [B, T] -> (hidden [B, T, embed], taps [E, B, T, embed]): taps[k] is the input of decoder layer c_k,
+    after cross block k when there is a PICache. With `picache=None` they are the plain backbone's states at the
+    same depths: the targets of hidden-state distillation (see `training.loss_fn`).
+    """
+    x, _, taps = _decoder(params, tokens, cfg, picache, None, None, dtype, remat, taps=True)
+    return x, taps
+
+
+def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps: bool):
+    bb = cast({k: v for k, v in params["backbone"].items() if k not in ("embed", "encoder_embed")}, dtype)
     x = params["backbone"]["embed"][tokens].astype(dtype)
     b, t = tokens.shape
     offsets = jnp.zeros((b,), jnp.int32) if kv_cache is None else kv_cache.lengths
@@ -268,32 +286,39 @@ def forward(params, tokens, cfg: ModelConfig, picache: PICache | CrossContext | 
     index = jnp.arange(cfg.num_layers)
     cache = None if kv_cache is None else (kv_cache.k, kv_cache.v)
 
-    if picache is None:
+    tapped = None
+    if picache is None and not taps:
         (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (layers, index))
     else:
         e, s = cfg.num_cross_layers, cfg.cross_stride
         grouped = jax.tree.map(lambda a: a.reshape(e, s, *a.shape[1:]), (layers, index))
-        cross = cast(params["comb"]["cross"], dtype)
-        ctx = cross_context(params, picache, cfg, dtype)
+        if picache is None:
+            cross = ctx = None
+            per_group = (grouped,)
+        else:
+            cross = cast(params["comb"]["cross"], dtype)
+            ctx = cross_context(params, picache, cfg, dtype)
+            per_group = (grouped, cross, ctx.k, ctx.v)
 
         def group_step(carry, xs):
-            group, cross_p, ctx_k, ctx_v = xs
+            group = xs[0]
             head = jax.tree.map(lambda a: a[: s - 1], group)
             tail = jax.tree.map(lambda a: a[s - 1], group)
             carry, _ = jax.lax.scan(layer_step, carry, head)
             x, cache = carry
-            x = cross_block(x, cross_p, cfg, ctx_k, ctx_v, ctx.mask)
+            if ctx is not None:
+                x = cross_block(x, xs[1], cfg, xs[2], xs[3], ctx.mask)
             carry, _ = layer_step((x, cache), tail)
-            return carry, None
+            return carry, (x if taps else None)
 
-        (x, cache), _ = jax.lax.scan(group_step, (x, cache), (grouped, cross, ctx.k, ctx.v))
+        (x, cache), tapped = jax.lax.scan(group_step, (x, cache), per_group)
 
     x = rms_norm(x, bb["final_norm"], cfg.rms_eps).astype(dtype)
     new_cache = None
     if kv_cache is not None:
         advance = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         new_cache = KVCache(cache[0], cache[1], kv_cache.lengths + advance)
-    return x, new_cache
+    return x, new_cache, tapped
 
 
 def lm_logits(params, hidden):

@@ -146,11 +146,12 @@ class PagePool:
             if not bucket:
                 del self.entries[key]
 
-    def acquire(self, ids) -> tuple[Entry, bool]:
+    def acquire(self, ids, count: bool = True) -> tuple[Entry, bool]:
         """Look a chunk up (hit) or reserve pages for it (miss); either way its refcount goes up by one.
 
         Returns (entry, hit). A miss returns an entry with written=False: the caller must `write_chunks` it.
-        Raises ChunkTooLongError or PoolFullError (nothing is left reserved then).
+        Raises ChunkTooLongError or PoolFullError (nothing is left reserved then). `count=False` leaves the hit and
+        miss counters alone, for a caller that counts only what it serves (`record`).
         """
         ids = tuple(int(i) for i in ids)
         if not ids:
@@ -163,11 +164,12 @@ class PagePool:
         if entry is not None:
             entry.refcount += 1
             self._touch(key)
-            self.stats.hits += 1
+            self.stats.hits += count
             return entry, True
         need = self.pages_for(len(ids))
         if need > self.num_pages:
-            raise PoolFullError(f"chunk of {len(ids)} tokens needs {need} pages; the pool has {self.num_pages}")
+            raise PoolFullError(f"chunk of {len(ids)} tokens needs {need} pages but the whole pool has "
+                                f"{self.num_pages}: it can never fit")
         self._evict_until(need)
         if len(self.free) < need:
             in_use = sum(e.refcount > 0 or e.pinned for b in self.entries.values() for e in b)
@@ -176,8 +178,13 @@ class PagePool:
         entry = Entry(ids, [self.free.pop() for _ in range(need)], refcount=1)
         self.entries.setdefault(key, []).append(entry)
         self._touch(key)
-        self.stats.misses += 1
+        self.stats.misses += count
         return entry, False
+
+    def record(self, hits: int, misses: int):
+        """Count a served request's lookups (see `acquire(count=False)`)."""
+        self.stats.hits += hits
+        self.stats.misses += misses
 
     def release(self, entry: Entry):
         if entry.refcount <= 0:

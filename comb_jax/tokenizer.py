@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from comb_jax.weights import embedded_gguf_path
@@ -45,14 +46,55 @@ def load_tokenizer(cfg):
     raise ValueError(f"config {cfg.name} (weights.source={w.source!r}) has no tokenizer")
 
 
+def special_strings(tok) -> list[str]:
+    """The spellings of the tokenizer's special (control) tokens, longest first."""
+    found = set(tok.all_special_tokens)
+    for added in getattr(tok, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False):
+            found.add(added.content)
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def text_ids(tok, text: str) -> list[int]:
+    """Ids of `text` as plain text: a control token's spelling inside it (`<|im_end|>`) is text, never control."""
+    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def chat_prompt_ids(tok, question: str | None = None, messages: list[dict] | None = None) -> list[int]:
-    """Token ids of a chat-templated prompt ending with the assistant turn's header."""
+    """Token ids of a chat-templated prompt ending with the assistant turn's header.
+
+    The template's own control tokens are control tokens; the messages' text is always text. A message that
+    spells a control token is rendered with it escaped, then the template's pieces and the text are tokenized
+    apart (which is how the tokenizer splits at control tokens anyway, so other prompts are unchanged).
+    """
     if messages is None:
         if question is None:
             raise ValueError("a prompt needs a question or messages")
         messages = [{"role": "user", "content": question}]
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    specials = special_strings(tok)
+    contents = [str(m.get("content", "")) for m in messages]
+    if not any(sp in c for c in contents for sp in specials):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return _escaped_chat_prompt_ids(tok, messages, specials)
+
+
+def _escaped_chat_prompt_ids(tok, messages: list[dict], specials: list[str]) -> list[int]:
+    everything = "".join(str(m.get("content", "")) for m in messages)
+    start = next(chr(c) for c in range(0xE000, 0xF8FF) if chr(c) not in everything)  # private-use: never text
+    end = next(chr(c) for c in range(ord(start) + 1, 0xF8FF) if chr(c) not in everything)
+    find = re.compile("|".join(re.escape(sp) for sp in specials))
+    escape = lambda text: find.sub(lambda m: f"{start}{specials.index(m.group())}{end}", text)
+    unescape = lambda text: re.sub(f"{re.escape(start)}([0-9]+){re.escape(end)}", lambda m: specials[int(m.group(1))],
+                                   text)
+    escaped = [dict(m, content=escape(m["content"])) if isinstance(m.get("content"), str) else m for m in messages]
+    text = tok.apply_chat_template(escaped, add_generation_prompt=True, tokenize=False)
+    ids, pos = [], 0
+    for m in find.finditer(text):  # only the template's control tokens are left unescaped
+        ids += text_ids(tok, unescape(text[pos:m.start()]))
+        ids.append(tok.convert_tokens_to_ids(m.group()))
+        pos = m.end()
+    return ids + text_ids(tok, unescape(text[pos:]))
 
 
 def stop_ids(tok) -> tuple[int, ...]:

@@ -20,13 +20,16 @@ import optax
 from comb_jax import checkpoint as ckpt
 from comb_jax import data as data_lib
 from comb_jax.layout import abstract_params, count_params, model_layout
-from comb_jax.model import PICache, encode, forward, lm_logits
+from comb_jax.model import PICache, encode, forward_with_taps, lm_logits, rms_norm
 from comb_jax.sharding import logical_sharding, make_mesh, param_shardings, replicated
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Dense bf16 peak FLOP/s per device, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12,
               "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
+
+
+LOSS_TERMS = ("loss", "ce", "kl", "hidden")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -56,31 +59,112 @@ def batch_picache(params, chunk_tokens, chunk_mask, cfg, dtype, remat: bool = Fa
                    chunk_mask.reshape(b, n * length))
 
 
-def loss_fn(comb, backbone, batch, cfg):
-    """Mean cross-entropy over answer tokens (+ kl_weight * KL(teacher || student) on the same tokens).
+def backbone_chunk_kv(backbone, tokens, mask, cfg):
+    """The frozen backbone's own pre-RoPE K and V of each chunk at the cross layers: the `objective=kv` targets.
 
-    batch: chunk_tokens/chunk_mask [B, n, L], tokens/targets/loss_mask [B, T] and, with KL,
-    teacher_tokens [B, S] (context inlined) and teacher_index [B, T] (the teacher position predicting the same
-    answer token). Returns (loss, {"loss", "ce", "kl", "answer_tokens"}).
+    tokens, mask [C, L] (one chunk per row) -> (k, v [E, C, L, K, D] float32, weight [1, C, L, 1, 1]). Layer c_k's
+    k/v projections of its attention-normed input, with the backbone run on the chunk alone (causal, positions
+    0..L-1). `weight` is 1 on real tokens but each chunk's first: in the causal backbone that token is an
+    attention sink with outsized activations, which the bidirectional encoder has no reason to copy.
     """
+    m = cfg.model
+    _, taps = jax.lax.stop_gradient(forward_with_taps({"backbone": backbone}, tokens, m,
+                                                      dtype=jnp.dtype(cfg.compute_dtype)))
+    source = jax.tree.map(lambda a: a[np.asarray(m.cross_layers)].astype(jnp.float32), backbone["layers"])
+    normed = rms_norm(taps.astype(jnp.float32), source["attn_norm"][:, None, None, :], m.rms_eps)
+    k = jnp.einsum("xble,xekd->xblkd", normed, source["wk"])
+    v = jnp.einsum("xble,xekd->xblkd", normed, source["wv"])
+    weight = (mask & (jnp.arange(tokens.shape[1]) > 0)[None, :]).astype(jnp.float32)[None, :, :, None, None]
+    return k, v, weight
+
+
+def _chunks_of(batch):
+    b, n, length = batch["chunk_tokens"].shape
+    return batch["chunk_tokens"].reshape(b * n, length), batch["chunk_mask"].reshape(b * n, length)
+
+
+def kv_distill_loss(comb, backbone, batch, cfg):
+    """`objective=kv`: the encoder's PICache regressed onto `backbone_chunk_kv` of the same chunks.
+
+    The error is a relative squared error per layer (summed over the chunks' tokens, divided by the target's sum
+    of squares), averaged over layers and K/V. Returns the same (loss, metrics) as `loss_fn` (answer_tokens = tokens
+    counted).
+    """
+    tokens, mask = _chunks_of(batch)
+    cache = encode({"backbone": backbone, "comb": comb}, tokens, mask, cfg.model, jnp.dtype(cfg.compute_dtype),
+                   cfg.train.remat)
+    target_k, target_v, weight = backbone_chunk_kv(backbone, tokens, mask, cfg)
+    sq = lambda x: (weight * x ** 2).sum(axis=(1, 2, 3, 4))  # noqa: E731
+    errors = [sq(ours.astype(jnp.float32) - target) / jnp.maximum(sq(target), 1e-6)
+              for ours, target in ((cache.k, target_k), (cache.v, target_v))]
+    loss = jnp.mean(jnp.stack(errors))
+    zero = jnp.zeros((), jnp.float32)
+    return loss, {"loss": loss, "ce": zero, "kl": zero, "hidden": zero, "answer_tokens": weight.sum()}
+
+
+def calibrate_kv_scale(comb, backbone, batch, cfg) -> dict:
+    """Rescale each layer's encoder k_proj / v_proj by the least-squares scalar that best maps its output onto
+    `backbone_chunk_kv` on `batch`. The spec's k/v projections read the encoder's un-normed residual stream while
+    the decoder's read an attention-normed one, so warm-copied projections come out tens of times too large; AdamW,
+    moving each weight by about lr per step, would need hundreds of steps to shrink them."""
+    tokens, mask = _chunks_of(batch)
+    cache = encode({"backbone": backbone, "comb": comb}, tokens, mask, cfg.model)
+    target_k, target_v, weight = backbone_chunk_kv(backbone, tokens, mask, cfg)
+    scale = lambda ours, target: ((weight * ours * target).sum(axis=(1, 2, 3, 4))  # noqa: E731
+                                  / jnp.maximum((weight * ours * ours).sum(axis=(1, 2, 3, 4)), 1e-12))
+    enc = comb["encoder"]
+    k_scale, v_scale = scale(cache.k, target_k), scale(cache.v, target_v)
+    encoder = dict(enc, k_proj=enc["k_proj"] * k_scale[:, None, None, None],
+                   v_proj=enc["v_proj"] * v_scale[:, None, None, None])
+    return dict(comb, encoder=encoder)
+
+
+def objective_loss(comb, backbone, batch, cfg):
+    """The loss of `cfg.train.objective`: `loss_fn` ("answer") or `kv_distill_loss` ("kv")."""
+    if cfg.train.objective == "kv":
+        return kv_distill_loss(comb, backbone, batch, cfg)
+    return loss_fn(comb, backbone, batch, cfg)
+
+
+def loss_fn(comb, backbone, batch, cfg):
+    """Mean cross-entropy over answer tokens, plus distillation from the full-prompt backbone on the same tokens.
+
+    - kl_weight * KL(teacher || student) of the next-token distributions;
+    - hidden_weight * the hidden-state distillation term: for each cross block k, the squared distance between
+      the student's residual stream after the block and the teacher's at the same depth (the input of decoder
+      layer c_k), both seen through layer c_k's attention norm (what that layer reads), averaged over blocks.
+    batch: chunk_tokens/chunk_mask [B, n, L], tokens/targets/loss_mask [B, T] and, with either term,
+    teacher_tokens [B, S] (context inlined) and teacher_index [B, T] (the teacher position predicting the same
+    answer token). Returns (loss, {"loss", "ce", "kl", "hidden", "answer_tokens"}).
+    """
+    tc = cfg.train
     dtype = jnp.dtype(cfg.compute_dtype)
     params = {"backbone": backbone, "comb": comb}
-    picache = batch_picache(params, batch["chunk_tokens"], batch["chunk_mask"], cfg, dtype, cfg.train.remat)
-    hidden, _ = forward(params, batch["tokens"], cfg.model, picache, dtype=dtype, remat=cfg.train.remat)
+    picache = batch_picache(params, batch["chunk_tokens"], batch["chunk_mask"], cfg, dtype, tc.remat)
+    hidden, taps = forward_with_taps(params, batch["tokens"], cfg.model, picache, dtype=dtype, remat=tc.remat)
     log_probs = jax.nn.log_softmax(lm_logits(params, hidden), axis=-1)
     mask = batch["loss_mask"]
     count = jnp.maximum(mask.sum(), 1.0)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
     ce = (nll * mask).sum() / count
-    kl = jnp.zeros((), jnp.float32)
-    if cfg.train.kl_weight > 0:
-        teacher_hidden, _ = forward({"backbone": backbone}, batch["teacher_tokens"], cfg.model, dtype=dtype)
-        teacher_hidden = jnp.take_along_axis(teacher_hidden, batch["teacher_index"][..., None], axis=1)
-        teacher_log_probs = jax.lax.stop_gradient(jax.nn.log_softmax(lm_logits(params, teacher_hidden), axis=-1))
-        per_token = (jnp.exp(teacher_log_probs) * (teacher_log_probs - log_probs)).sum(-1)
-        kl = (per_token * mask).sum() / count
-    loss = ce + cfg.train.kl_weight * kl
-    return loss, {"loss": loss, "ce": ce, "kl": kl, "answer_tokens": mask.sum()}
+    kl = hidden_term = jnp.zeros((), jnp.float32)
+    if tc.kl_weight > 0 or tc.hidden_weight > 0:
+        teacher_hidden, teacher_taps = jax.lax.stop_gradient(
+            forward_with_taps({"backbone": backbone}, batch["teacher_tokens"], cfg.model, dtype=dtype))
+        index = batch["teacher_index"]
+        if tc.kl_weight > 0:
+            teacher_hidden = jnp.take_along_axis(teacher_hidden, index[..., None], axis=1)
+            teacher_log_probs = jax.lax.stop_gradient(jax.nn.log_softmax(lm_logits(params, teacher_hidden), -1))
+            per_token = (jnp.exp(teacher_log_probs) * (teacher_log_probs - log_probs)).sum(-1)
+            kl = (per_token * mask).sum() / count
+        if tc.hidden_weight > 0:
+            teacher_taps = jnp.take_along_axis(teacher_taps, index[None, ..., None], axis=2)  # [E, B, T, embed]
+            norms = backbone["layers"]["attn_norm"][np.asarray(cfg.model.cross_layers)][:, None, None, :]
+            seen = lambda x: rms_norm(x.astype(jnp.float32), norms.astype(jnp.float32), cfg.model.rms_eps)
+            per_token = jnp.mean((seen(taps) - seen(teacher_taps)) ** 2, axis=(0, 3))  # [B, T]
+            hidden_term = (per_token * mask).sum() / count
+    loss = ce + tc.kl_weight * kl + tc.hidden_weight * hidden_term
+    return loss, {"loss": loss, "ce": ce, "kl": kl, "hidden": hidden_term, "answer_tokens": mask.sum()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,10 +183,12 @@ def learning_rate(tc) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [max(tc.warmup_steps, 1)])
 
 
-def gate_mask(name: str):
-    """A mask function: True on the cross blocks' `name` gate (gate_attn or gate_mlp), False elsewhere."""
-    return lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")) == name,
-                                                         tree)
+def cross_mask(name: str):
+    """A mask function over the comb tree: True on the cross blocks' parameter `name` (gate_attn, gate_mlp, wo, ...),
+    False elsewhere (the encoder's own `wo` included)."""
+    key = lambda p: str(getattr(p, "key", ""))
+    return lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, _: key(path[0]) == "cross" and key(path[-1]) == name, tree)
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
@@ -112,13 +198,17 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     every cross-block signal passes through tanh(gate), so at the release's small learning rate a short run barely
     opens them (AdamW moves a scalar by about lr per step). Only the attention branch reads the context: the MLP
     branch sees the decoder's own hidden state, and opened alone it fits the targets' style without the chunks.
+    `cross_out_lr_multiplier` scales the cross attention's o_proj updates: AdamW moves each weight by about lr per
+    step, while the decoder's own o_proj weights have an RMS near 0.2 (SmolLM2), so an o_proj that starts at 0
+    (`init_attn_gate`) needs a few hundred steps at lr 5e-4 to reach a useful scale.
     """
     decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 3, tree)  # stacked linears are [layers, in, ...]
     parts = [optax.clip_by_global_norm(tc.grad_clip),
              optax.adamw(learning_rate(tc), b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask)]
-    for name, multiplier in (("gate_attn", tc.gate_attn_lr_multiplier), ("gate_mlp", tc.gate_mlp_lr_multiplier)):
+    for name, multiplier in (("gate_attn", tc.gate_attn_lr_multiplier), ("gate_mlp", tc.gate_mlp_lr_multiplier),
+                             ("wo", tc.cross_out_lr_multiplier)):
         if multiplier != 1.0:
-            parts.append(optax.masked(optax.scale(multiplier), gate_mask(name)))
+            parts.append(optax.masked(optax.scale(multiplier), cross_mask(name)))
     return optax.chain(*parts)
 
 
@@ -172,7 +262,7 @@ def accumulated_grads(comb, backbone, batch, cfg, mesh):
     mean-over-answer-tokens gradient is weighted by its answer tokens, so the result is the whole batch's token
     mean (what one big step computes), at 1/A of the activation memory.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(objective_loss, has_aux=True)
     accum = cfg.train.grad_accum_steps
     if accum == 1:
         (_, metrics), grads = grad_fn(comb, backbone, batch, cfg)
@@ -183,10 +273,10 @@ def accumulated_grads(comb, backbone, batch, cfg, mesh):
         mb = jax.lax.with_sharding_constraint(mb, batch_shardings(mb, mesh))
         (_, m), g = grad_fn(comb, backbone, mb, cfg)
         weight = m["answer_tokens"]
-        scaled = jax.tree.map(lambda x: weight * x, (g, {k: m[k] for k in ("loss", "ce", "kl")}))
+        scaled = jax.tree.map(lambda x: weight * x, (g, {k: m[k] for k in LOSS_TERMS}))
         return jax.tree.map(jnp.add, total, scaled), weight
 
-    zeros = (jax.tree.map(jnp.zeros_like, comb), {k: jnp.zeros((), jnp.float32) for k in ("loss", "ce", "kl")})
+    zeros = (jax.tree.map(jnp.zeros_like, comb), {k: jnp.zeros((), jnp.float32) for k in LOSS_TERMS})
     (grads, sums), weights = jax.lax.scan(body, zeros, micro)
     count = jnp.maximum(weights.sum(), 1.0)
     metrics = dict(jax.tree.map(lambda x: x / count, sums), answer_tokens=weights.sum())
@@ -203,8 +293,13 @@ def make_train_step(cfg, mesh, optimizer, example_batch):
         grads, metrics = accumulated_grads(state.comb, jax.lax.stop_gradient(backbone), batch, cfg, mesh)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.comb)
         comb = optax.apply_updates(state.comb, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        return TrainState(state.step + 1, comb, opt_state), metrics
+        # NaN guard: a non-finite loss, gradient or new weight leaves the state as it was before this step
+        all_finite = lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+        finite = jnp.isfinite(metrics["loss"]) & all_finite(grads) & all_finite(comb)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), finite=finite)
+        return TrainState(state.step + finite.astype(state.step.dtype), keep(comb, state.comb),
+                          keep(opt_state, state.opt_state)), metrics
 
     return jax.jit(step, in_shardings=(state_sh, backbone_sh, batch_shardings(example_batch, mesh)),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
@@ -230,16 +325,27 @@ def place_backbone(cfg, mesh, backbone):
 # Eval
 
 
-def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_new_tokens: int) -> dict:
-    """Mean answer-token loss and QA F1 of greedy answers (decoded with the PICache) on `examples`."""
+def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_new_tokens: int,
+             reference: dict | None = None) -> dict:
+    """Held-out metrics of the current Comb on `examples`.
+
+    eval_loss: answer-token CE on the training targets; eval_f1 / eval_contain: QA F1 and answer containment of the
+    greedy answers (decoded with the PICache) against the gold answers; eval_gap_closed: the context gap closed on
+    the gold answers (`eval.reading_nlls`: (nll_none - nll_comb) / (nll_none - nll_full)); eval_reading_gap_closed:
+    the part of it that needs the right chunks ((nll_comb_other - nll_comb) / (nll_none - nll_full), with each
+    question reading the next example's chunks): a Comb that learnt the answer style but does not read closes
+    the first and not the second. `reference` (a dict kept by the caller) caches the no-context and full-prompt
+    NLLs, which do not change during training.
+    """
     from comb_jax.decode import generate
-    from comb_jax.metrics import qa_f1
+    from comb_jax.eval import answer_nlls, build_segments, gap_closed
+    from comb_jax.metrics import contains_answer, qa_f1
 
     dtype = jnp.dtype(cfg.compute_dtype)
     params = {"backbone": backbone, "comb": state.comb}
     encode_fn = jax.jit(lambda p, t, m: batch_picache(p, t, m, cfg, dtype))
     total_loss = total_tokens = 0.0
-    f1_gold, f1_target, samples = [], [], []
+    f1_gold, f1_target, contain, samples = [], [], [], []
     for batch, real, part in data_lib.eval_batches(examples, codec, cfg.train):
         _, metrics = loss_step(state.comb, backbone, batch)
         total_loss += float(metrics["ce"]) * float(metrics["answer_tokens"])
@@ -257,14 +363,40 @@ def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_n
             answer = codec.decode(out[i]).strip()
             f1_gold.append(qa_f1(answer, list(e.golds)))
             f1_target.append(qa_f1(answer, e.answer))
+            contain.append(contains_answer(answer, list(e.golds)))
             if len(samples) < 3:
                 samples.append({"question": e.question, "answer": answer, "target": e.answer})
+    segs = [build_segments(codec, e.chunks, e.question, cfg.train.max_chunk_tokens) for e in examples]
+    answers = [codec.answer_ids(e.golds[0]) for e in examples]
+    prompts = [list(s.comb_prompt) for s in segs]
+    reference = {} if reference is None else reference
+    if "none" not in reference:
+        reference["none"] = float(np.mean(answer_nlls(params, cfg.model, prompts, answers, dtype=dtype)))
+        reference["full"] = float(np.mean(answer_nlls(params, cfg.model, [list(s.full) for s in segs], answers,
+                                                      dtype=dtype)))
+    chunks = [list(s.comb_chunks) for s in segs]
+    nll_comb = float(np.mean(answer_nlls(params, cfg.model, prompts, answers, chunks, dtype=dtype)))
+    # the same questions reading the next example's chunks: what the answer style alone is worth
+    nll_other = float(np.mean(answer_nlls(params, cfg.model, prompts, answers, chunks[1:] + chunks[:1],
+                                          dtype=dtype))) if len(examples) > 1 else None
+    span = reference["none"] - reference["full"]
     return {"eval_loss": total_loss / max(total_tokens, 1.0), "eval_f1": float(np.mean(f1_gold)),
-            "eval_f1_target": float(np.mean(f1_target)), "eval_samples": samples}
+            "eval_f1_target": float(np.mean(f1_target)), "eval_contain": float(np.mean(contain)),
+            "eval_nll_none": reference["none"], "eval_nll_comb": nll_comb, "eval_nll_full": reference["full"],
+            "eval_gap_closed": gap_closed(reference["none"], nll_comb, reference["full"]),
+            "eval_nll_comb_other": nll_other,
+            "eval_reading_gap_closed": None if nll_other is None else gap_closed(nll_other, nll_comb, nll_other - span),
+            "eval_samples": samples}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
+
+
+def gate_values(comb) -> dict:
+    """tanh of every cross block's gates, for the metrics log: {"gate_attn": [E], "gate_mlp": [E]}."""
+    return {name: np.tanh(np.asarray(jax.device_get(comb["cross"][name]), np.float64)).round(5).tolist()
+            for name in ("gate_attn", "gate_mlp")}
 
 
 def real_tokens(batch) -> int:
@@ -323,6 +455,10 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     from comb_jax.weights import load_backbone
 
     tc = cfg.train
+    if cfg.model.context_encoding != "per_chunk" or cfg.model.context_bos:
+        raise ValueError(f"training encodes each chunk on its own without BOS; model.context_encoding="
+                         f"{cfg.model.context_encoding!r} / context_bos={cfg.model.context_bos} are for serving "
+                         "imported release checkpoints")
     run_dir = Path(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
@@ -345,6 +481,9 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
             raise FileExistsError(f"{ckpt.checkpoint_root(run_dir)} already has checkpoints: pass --resume to "
                                   "continue, or choose another train.run_dir")
         comb = init_comb(cfg, backbone_host, jax.random.key(tc.seed))
+        if tc.objective == "kv" and not tc.init_checkpoint:  # a batch from its own stream: the run's is untouched
+            calibration = next(data_lib.train_iterator(train_ex, codec, tc, seed=tc.seed + 1))
+            comb = jax.jit(lambda c, bb, b: calibrate_kv_scale(c, bb, b, cfg))(comb, backbone, calibration)
         state = init_state(cfg, mesh, optimizer, comb)
     else:
         sh = state_shardings(cfg, mesh, optimizer)
@@ -357,6 +496,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
         state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), replicated(mesh)), comb, opt_state)
         iterator.set_state(data_state)
 
+    data_state = iterator.get_state()  # before each batch is drawn: what a checkpoint of the kept state needs
     first = next(iterator)
     train_step = make_train_step(cfg, mesh, optimizer, first)
     loss_step = jax.jit(lambda comb, bb, batch: loss_fn(comb, bb, batch, cfg))
@@ -370,11 +510,16 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     batch = first
     last_eval = None
 
+    reference = {}  # no-context and full-prompt NLLs of the eval set, computed once
+
     def run_eval(at_step: int) -> dict:
         result = evaluate(state, backbone, eval_ex, codec, cfg, loss_step,
-                          min(tc.teacher_max_tokens, tc.max_decoder_tokens))
+                          min(tc.teacher_max_tokens, tc.max_decoder_tokens), reference)
+        gap = result["eval_gap_closed"]
         tqdm.write(f"step {at_step}: eval loss {result['eval_loss']:.4f}, F1 {result['eval_f1']:.3f} "
-                   f"(vs targets {result['eval_f1_target']:.3f}); sample: {json.dumps(result['eval_samples'][:1])}")
+                   f"(vs targets {result['eval_f1_target']:.3f}), contain {result['eval_contain']:.3f}, reading gap "
+                   f"closed {result['eval_reading_gap_closed']}, gap closed "
+                   f"{'n/a' if gap is None else f'{gap:.3f}'}; sample: {json.dumps(result['eval_samples'][:1])}")
         return result
 
     try:
@@ -392,12 +537,19 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                 seconds = time.perf_counter() - t0
                 step += 1
                 loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                        f"(step {manager.latest_step()}) in {ckpt.checkpoint_root(run_dir)} is untouched.")
+                if not (math.isfinite(loss) and bool(metrics["finite"])):
+                    # the step kept the state from before it: save that (unless saved already) and stop
+                    step -= 1
+                    if step > 0 and step not in manager.all_steps():
+                        ckpt.save(manager, step, state.comb, state.opt_state, data_state, cfg)
+                    kept = (f"the state before it (step {step}) is the latest checkpoint in "
+                            f"{ckpt.checkpoint_root(run_dir)}" if step > 0 else "nothing was saved")
+                    raise TrainingDiverged(f"loss is {loss} at step {step + 1} (gradient norm "
+                                           f"{float(metrics['grad_norm'])}): the update was not applied; stopping, "
+                                           f"and {kept}")
                 tokens = real_tokens(batch)
                 record = {"step": step, "loss": loss, "ce": float(metrics["ce"]), "kl": float(metrics["kl"]),
+                          "hidden": float(metrics["hidden"]), **gate_values(state.comb),
                           "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
                           "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
                 if flops.get(shapes) and peak:
@@ -418,6 +570,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                 if stop_after is not None and step >= stop_after:
                     break
                 if step < tc.steps:
+                    data_state = iterator.get_state()
                     batch = next(iterator)
     finally:
         bar.close()

@@ -58,6 +58,8 @@ def hf_names(cfg: ModelConfig, decoder_prefix: str = "language_model.", comb: bo
     names.append((("backbone", "final_norm"), f"{decoder_prefix}model.norm.weight", None, None))
     if not cfg.tie_embeddings:
         names.append((("backbone", "lm_head"), f"{decoder_prefix}lm_head.weight", 1, None))
+    if comb and cfg.separate_encoder_embed:
+        names.append((("backbone", "encoder_embed"), "chunk_model.embed_tokens.weight", None, None))
     if comb:
         for k in range(cfg.num_cross_layers):
             for key, suffix, n_in in LLAMA_BLOCK:
@@ -112,6 +114,8 @@ def tree_from_tensors(cfg: ModelConfig, get_tensor, dtype=np.float32, comb: bool
             target[...] = value
         else:
             target[index] = value
+    if "encoder_embed" in out["backbone"] and not comb:  # a plain Llama has one embedding: the encoder starts there
+        out["backbone"]["encoder_embed"][...] = out["backbone"]["embed"]
     return out
 
 

@@ -5,7 +5,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import toy_cfg, toy_examples
+from train_helpers import checkpointed_run_cfg, toy_examples
 
 from comb_jax import checkpoint as ckpt
 from comb_jax import training as T
@@ -14,8 +14,7 @@ from comb_jax.checkpoint import CheckpointError, restore_comb_params
 
 def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path, monkeypatch):
     def cfg_for(name):
-        return toy_cfg(tiny_cfg, "batch_size=4", "mesh.data=1", "steps=5", "checkpoint_every=2", "keep_checkpoints=2",
-                       "learning_rate=1e-2", f"run_dir={tmp_path / name}")
+        return checkpointed_run_cfg(tiny_cfg, tmp_path / name, steps=5, keep=2)
 
     examples = (toy_examples(12), [])
     backbone = jax.tree.map(np.asarray, tiny_params["backbone"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from comb_jax.metrics import normalize_answer, qa_f1, rouge_l
+from comb_jax.metrics import contains_answer, normalize_answer, qa_f1, rouge_l
 
 
 def test_normalisation_lowercases_drops_punctuation_and_articles():
@@ -49,3 +49,23 @@ def test_rouge_l_empty_strings():
     assert rouge_l("", "reference") == 0.0
     assert rouge_l("prediction", "") == 0.0
     assert rouge_l("", "") == 0.0
+
+
+def test_containment_needs_the_whole_gold_as_contiguous_tokens():
+    assert contains_answer("He was born in 1976, in Oslo.", "1976") == 1.0
+    assert contains_answer("The code is 19765.", "1976") == 0.0  # token boundary, not a substring
+    assert contains_answer("It is the Blue Shed!", "blue shed") == 1.0  # SQuAD normalisation on both sides
+    assert contains_answer("the shed is blue", "blue shed") == 0.0  # order matters
+    assert contains_answer("blue old shed", "blue shed") == 0.0  # contiguous
+    assert contains_answer("Answer: U.S.-based firms", "US-based") == 1.0  # both hold the token "usbased"
+    assert contains_answer("U.S. based", "US-based") == 0.0  # "us based" is two tokens, the gold one
+    assert contains_answer("Denmark", "Denmark") == 1.0
+
+
+def test_containment_takes_the_best_gold_and_ignores_empty_golds():
+    assert contains_answer("in Paris, France", ["London", "Paris"]) == 1.0
+    assert contains_answer("in Paris", ["London", "Paris, France"]) == 0.0
+    assert contains_answer("anything at all", [""]) == 0.0
+    assert contains_answer("the answer", ["the", "a"]) == 0.0  # golds that normalise to nothing
+    assert contains_answer("", ["x"]) == 0.0
+    assert contains_answer("answer", []) == 0.0

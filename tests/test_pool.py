@@ -69,7 +69,7 @@ def test_errors_for_oversize_chunk_and_oversize_request(tiny_cfg):
     pool = small_pool(tiny_cfg, pages=2)
     with pytest.raises(ChunkTooLongError, match="max_chunk_tokens=64"):
         pool.acquire(chunk(0, 65))
-    with pytest.raises(PoolFullError, match="needs 3 pages; the pool has 2"):
+    with pytest.raises(PoolFullError, match="needs 3 pages but the whole pool has 2: it can never fit"):
         pool.acquire(chunk(0, 40))
     assert pool.used_pages == 0 and len(pool) == 0
 

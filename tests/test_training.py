@@ -144,26 +144,28 @@ def test_kl_term_is_the_teachers_full_context_distribution_on_answer_tokens(tiny
     np.testing.assert_allclose(float(loss), np.mean(ce_terms) + 0.5 * np.mean(kl_terms), rtol=1e-5)
 
 
-def test_gate_lr_multipliers_scale_only_their_gates(tiny_cfg, tiny_params):
-    """Two AdamW steps on the same gradients: each gate's updates grow by its multiplier, all others are unchanged."""
+def test_lr_multipliers_scale_only_their_parameters(tiny_cfg, tiny_params):
+    """Two AdamW steps on the same gradients: each gate's and the cross o_proj's updates grow by their multiplier,
+    all others (the encoder's own o_proj included) are unchanged."""
     comb = tiny_params["comb"]
     grads = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), comb)
 
-    def updates(attn, mlp):
+    def updates(attn, mlp, out=1.0):
         cfg = apply_overrides(tiny_cfg, ["warmup_steps=1", f"gate_attn_lr_multiplier={attn}",
-                                         f"gate_mlp_lr_multiplier={mlp}"])
+                                         f"gate_mlp_lr_multiplier={mlp}", f"cross_out_lr_multiplier={out}"])
         optimizer = T.make_optimizer(cfg.train)
         opt_state = optimizer.init(comb)
         for _ in range(2):  # the first step has learning rate 0 (linear warm-up from 0)
             u, opt_state = optimizer.update(grads, opt_state, comb)
         return u
 
-    base, scaled = flatten_names(updates(1.0, 1.0)), flatten_names(updates(25.0, 3.0))
+    base, scaled = flatten_names(updates(1.0, 1.0)), flatten_names(updates(25.0, 3.0, 7.0))
     for name, a in base.items():
-        factor = {"gate_attn": 25.0, "gate_mlp": 3.0}.get(name.rsplit("/", 1)[-1], 1.0)
+        factor = {"cross/gate_attn": 25.0, "cross/gate_mlp": 3.0, "cross/wo": 7.0}.get(name, 1.0)
         assert np.any(a)
         np.testing.assert_allclose(scaled[name], factor * a, rtol=1e-6, err_msg=name)
-    assert sum(jax.tree.leaves(T.gate_mask("gate_attn")(comb))) == 1
+    assert sum(jax.tree.leaves(T.cross_mask("gate_attn")(comb))) == 1
+    assert "encoder/layers/wo" in base and sum(jax.tree.leaves(T.cross_mask("wo")(comb))) == 1
 
 
 def test_dry_run_compiles_on_a_simulated_mesh_without_weights(tiny_cfg):

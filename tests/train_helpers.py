@@ -23,3 +23,9 @@ def toy_cfg(tiny_cfg, *overrides):
     """tiny_comb with shapes that fit the toy examples (byte-level tokens)."""
     return apply_overrides(tiny_cfg, ["train.max_chunk_tokens=32", "train.chunk_buckets=(32,)", "max_decoder_tokens=48",
                                       "decoder_buckets=(48,)", "eval_every=0", "warmup_steps=2", *overrides])
+
+
+def checkpointed_run_cfg(tiny_cfg, run_dir, steps: int, keep: int):
+    """toy_cfg for short checkpointed runs (batch 4 on one device, a checkpoint every 2 steps)."""
+    return toy_cfg(tiny_cfg, "batch_size=4", "mesh.data=1", f"steps={steps}", "checkpoint_every=2",
+                   f"keep_checkpoints={keep}", "learning_rate=1e-2", f"run_dir={run_dir}")

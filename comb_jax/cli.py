@@ -1,0 +1,53 @@
+"""Command-line plumbing shared by train.py, serve.py and `python -m comb_jax.export`.
+
+A usage or input error (bad flag, unknown config or key, a path that is missing or not writable, a corrupt
+checkpoint) prints one line, `PROG: error: MESSAGE`, and exits with status 2: no traceback, no usage block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE_EXIT = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; the CLI prints it as one line and exits with status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`PROG: error: ...`, status 2) instead of the usage block."""
+
+    def error(self, message):
+        fail(self.prog, message)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """The first line of an error message, cut to `limit` characters."""
+    first = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def fail(prog: str, message: str):
+    print(f"{prog}: error: {one_line(message, 1000)}", file=sys.stderr)
+    sys.exit(USAGE_EXIT)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, not a bug (imported lazily: jax and orbax are slow to import)."""
+    from comb_jax.checkpoint import CheckpointError
+    from comb_jax.config import ConfigError
+
+    return (UsageError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, ValueError)
+
+
+def run(main, prog: str, argv=None) -> int:
+    """`main(argv)`, with user errors printed as one line and exit status 2 (a bug still shows its traceback)."""
+    try:
+        return main(argv)
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
+        fail(prog, str(e) or type(e).__name__)
