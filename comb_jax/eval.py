@@ -220,7 +220,8 @@ def gap_closed(nll_none: float, nll_comb: float, nll_full: float) -> float | Non
 
 
 def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Example], max_chunk_tokens: int,
-                 dtype=jnp.float32, batch_size: int = 8, answers: list[str] | None = None) -> dict:
+                 dtype=jnp.float32, batch_size: int = 8, answers: list[str] | None = None,
+                 cache: dict | None = None) -> dict:
     """How much of the full prompt's advantage Comb recovers, on `examples` (needs only params and examples).
 
     For each example, the teacher-forced NLL per token of `Codec.answer_ids(reference)` (reference: golds[0], or
@@ -233,6 +234,8 @@ def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Examp
     of those means (None if undefined), "reading_gap_closed": (nll_comb_other - nll_comb) / (nll_none - nll_full),
     the part of the gap closed by reading the right chunks, "requests",
     "per_example": {"id", "nll_none", "nll_comb", "nll_full": lists in example order}}.
+    `cache` (a dict the caller keeps across calls on the same examples, as training's periodic eval does) holds the
+    no-context and full-prompt NLLs, which do not depend on the Comb parameters.
     """
     refs = answers if answers is not None else [e.golds[0] for e in examples]
     if len(refs) != len(examples):
@@ -242,8 +245,11 @@ def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Examp
     comb_prompts = [list(s.comb_prompt) for s in segs]
     run = partial(answer_nlls, params, model_cfg, dtype=dtype, batch_size=batch_size)
     chunks = [list(s.comb_chunks) for s in segs]
-    nll = {"none": run(comb_prompts, answer_ids), "comb": run(comb_prompts, answer_ids, chunks),
-           "full": run([list(s.full) for s in segs], answer_ids)}
+    cache = {} if cache is None else cache
+    if "none" not in cache:
+        cache["none"] = run(comb_prompts, answer_ids)
+        cache["full"] = run([list(s.full) for s in segs], answer_ids)
+    nll = {"none": cache["none"], "comb": run(comb_prompts, answer_ids, chunks), "full": cache["full"]}
     if len(examples) > 1:  # each question reading the next request's chunks: what style alone is worth
         nll["comb_other"] = run(comb_prompts, answer_ids, chunks[1:] + chunks[:1])
     means = {k: float(np.mean(v)) if len(v) else None for k, v in nll.items()}

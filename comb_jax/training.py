@@ -338,7 +338,7 @@ def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_n
     NLLs, which do not change during training.
     """
     from comb_jax.decode import generate
-    from comb_jax.eval import answer_nlls, build_segments, gap_closed
+    from comb_jax.eval import reading_nlls
     from comb_jax.metrics import contains_answer, qa_f1
 
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -366,26 +366,11 @@ def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_n
             contain.append(contains_answer(answer, list(e.golds)))
             if len(samples) < 3:
                 samples.append({"question": e.question, "answer": answer, "target": e.answer})
-    segs = [build_segments(codec, e.chunks, e.question, cfg.train.max_chunk_tokens) for e in examples]
-    answers = [codec.answer_ids(e.golds[0]) for e in examples]
-    prompts = [list(s.comb_prompt) for s in segs]
-    reference = {} if reference is None else reference
-    if "none" not in reference:
-        reference["none"] = float(np.mean(answer_nlls(params, cfg.model, prompts, answers, dtype=dtype)))
-        reference["full"] = float(np.mean(answer_nlls(params, cfg.model, [list(s.full) for s in segs], answers,
-                                                      dtype=dtype)))
-    chunks = [list(s.comb_chunks) for s in segs]
-    nll_comb = float(np.mean(answer_nlls(params, cfg.model, prompts, answers, chunks, dtype=dtype)))
-    # the same questions reading the next example's chunks: what the answer style alone is worth
-    nll_other = float(np.mean(answer_nlls(params, cfg.model, prompts, answers, chunks[1:] + chunks[:1],
-                                          dtype=dtype))) if len(examples) > 1 else None
-    span = reference["none"] - reference["full"]
+    reading = reading_nlls(params, cfg.model, codec, examples, cfg.train.max_chunk_tokens, dtype, cache=reference)
     return {"eval_loss": total_loss / max(total_tokens, 1.0), "eval_f1": float(np.mean(f1_gold)),
             "eval_f1_target": float(np.mean(f1_target)), "eval_contain": float(np.mean(contain)),
-            "eval_nll_none": reference["none"], "eval_nll_comb": nll_comb, "eval_nll_full": reference["full"],
-            "eval_gap_closed": gap_closed(reference["none"], nll_comb, reference["full"]),
-            "eval_nll_comb_other": nll_other,
-            "eval_reading_gap_closed": None if nll_other is None else gap_closed(nll_other, nll_comb, nll_other - span),
+            **{f"eval_{k}": reading[k] for k in ("nll_none", "nll_comb", "nll_full", "nll_comb_other", "gap_closed",
+                                                 "reading_gap_closed")},
             "eval_samples": samples}
 
 
