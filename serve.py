@@ -2,6 +2,7 @@
 
     python serve.py --config smollm2_comb --checkpoint runs/smollm2_comb --input requests.jsonl \
         --output results.jsonl [--mode comb|full] [key=value overrides]
+    python serve.py --http --config smollm2_comb --port 8000   # the OpenAI-compatible server (comb_jax/serving)
 
 Request lines: {"id", "chunks": [text, ...], "question" | "messages", "max_tokens", "temperature", "top_p"}.
 Output lines, in input order: {"id", "line", "answer", "ttft_s", "output_tokens", "chunk_hits", "chunk_misses",
@@ -355,10 +356,37 @@ def main(argv=None) -> int:
                     help="comb: chunks as PICaches; full: chunks inlined in the prompt, no PIC (baseline)")
     ap.add_argument("--warmup", action="store_true",
                     help="compile every bucket before serving, so TTFT excludes compilation")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the memory plan for one device (weights, PICache pool, decode slots) and exit; "
+                         "abstract shapes only, nothing is loaded or allocated")
+    ap.add_argument("--device-gb", type=float, default=80.0, help="--dry-run: device memory in GB (1e9 bytes)")
+    http = ap.add_argument_group("HTTP server (--http; see comb_jax/serving/app.py)")
+    http.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API instead of a JSONL batch")
+    http.add_argument("--host", default="127.0.0.1")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--store-dir", default=None,
+                      help="persistent PICache store (default $COMB_JAX_CACHE/picache; 'none': memory only)")
+    http.add_argument("--host-cache-mb", type=float, default=1024, help="host-memory PICache tier size")
+    http.add_argument("--when-full", choices=("reject", "wait"), default="reject",
+                      help="a request when the pool is full of pinned pages: 429 at once, or wait --full-wait-s")
+    http.add_argument("--full-wait-s", type=float, default=30.0)
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from comb_jax.memory_plan import format_plan, memory_plan
+
+        plan = memory_plan(cfg, int(args.device_gb * 1e9))
+        print(format_plan(plan), file=sys.stderr)
+        print(json.dumps(plan))
+        return 0
+    if args.http:
+        from comb_jax.serving.app import DEFAULT_STORE_DIR, run_server
+
+        return run_server(cfg, args.checkpoint, mode=args.mode, host=args.host, port=args.port,
+                          store_dir=args.store_dir or str(DEFAULT_STORE_DIR), host_cache_mb=args.host_cache_mb,
+                          when_full=args.when_full, full_wait_s=args.full_wait_s)
     lines = read_input(args.input) if args.input else [json.dumps(r) for r in demo_requests()]
     writer = ResultWriter(args.output)  # before the model loads: an unwritable output fails in a second
     try:

@@ -1,7 +1,7 @@
 """Time to first token on a PICache hit vs full prefill, decode throughput, and cache bytes per context token.
 
     python bench/ttft.py [--config smollm2_comb] [--contexts 512 1024 2048 4096] [--batches 1 8 32]
-                         [--repeats 3] [--out bench/results/ttft_cpu.json]
+                         [--repeats 3] [--out bench/results/ttft_cpu.json] [key=value overrides]
 
 Random weights (no GGUF needed). Each context is 4 chunks of context/4 tokens plus a 30-token question.
 Hit: the chunks are already in the pool (one warm-up run encodes them and compiles), so TTFT = lookup +
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import apply_overrides, load_config
@@ -56,11 +57,12 @@ def main(argv=None):
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/ttft_cpu.json")
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides (e.g. param_dtype=bfloat16 on a GPU)")
     args = ap.parse_args(argv)
 
-    cfg = load_config(args.config, ["weights.source=random"])
+    cfg = load_config(args.config, ["weights.source=random", *args.overrides])
     m = cfg.model
-    params = init_params(model_layout(m), jax.random.key(0))
+    params = init_params(model_layout(m), jax.random.key(0), jnp.dtype(cfg.param_dtype))
     rng = np.random.default_rng(0)
     question = rng.integers(3, m.vocab_size, QUESTION_TOKENS).tolist()
     device = jax.devices()[0].device_kind

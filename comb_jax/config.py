@@ -55,6 +55,10 @@ class ModelConfig:
     # The encoder reads its own frozen embedding (backbone["encoder_embed"]) instead of the decoder's: set by
     # import when a release checkpoint's chunk_model.embed_tokens differs from its decoder embedding.
     separate_encoder_embed: bool = False
+    # How attention runs (an execution choice, not part of the model: results agree to rounding). einsum: the
+    # reference (materialises the [query, key] scores); xla / cudnn: jax.nn.dot_product_attention with that
+    # implementation (cudnn: flash attention, bfloat16/float16 on NVIDIA GPUs); auto: cudnn where it applies, else xla.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -99,7 +103,7 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    init: str = "random"  # "random" (release: N(0, 0.02)) or "warm" (encoder/cross from decoder layers)
+    init: str = "random"  # "random" (release: N(0, 0.02)), "warm" (from decoder layers), "pointer" (warm_start.py)
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     warmup_steps: int = 1000
@@ -162,6 +166,12 @@ class ServeConfig:
     max_context_tokens: int = 8192
     max_batch: int = 8
     max_new_tokens: int = 64
+    # how the pool stores PICache K/V: auto (the compute dtype), float32, bfloat16, or int8 with a float16 scale
+    # per token and KV head (about half of bfloat16's bytes: twice the chunks in the same memory)
+    pic_dtype: str = "auto"
+    # joint encoding of KV pages (comb_jax/joint_pages.py): a page within this relative distance of a stored page is
+    # served from it (refcounted, shared); < 0 off, 0 exact duplicates only
+    joint_page_threshold: float = -1.0
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
     chunk_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
     context_buckets: tuple[int, ...] = (256, 1024, 4096, 8192)
@@ -313,11 +323,12 @@ RULES = {
     "model.head_dim": (lambda v: v >= 2 and v % 2 == 0, "must be a positive even number (RoPE rotates pairs)"),
     "model.rms_eps": _positive, "model.rope_theta": _positive, "model.max_position": _at_least_1,
     "model.num_cross_layers": _at_least_1, "model.context_encoding": _one_of("per_chunk", "whole_context"),
+    "model.attention_impl": _one_of("auto", "einsum", "xla", "cudnn"),
     "weights.source": _one_of("random", "gguf", "hf"),
     "mesh.data": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
     "mesh.fsdp": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
     "mesh.tensor": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
-    "train.init": _one_of("random", "warm"), "train.learning_rate": _non_negative,
+    "train.init": _one_of("random", "warm", "pointer"), "train.learning_rate": _non_negative,
     "train.weight_decay": _non_negative, "train.warmup_steps": _non_negative,
     "train.schedule": _one_of("constant", "cosine"), "train.grad_clip": _positive,
     "train.gate_attn_lr_multiplier": _non_negative, "train.gate_mlp_lr_multiplier": _non_negative,
@@ -337,6 +348,8 @@ RULES = {
     "serve.pool_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"), "serve.encode_batch": _at_least_1,
     "serve.max_chunk_tokens": _at_least_1, "serve.max_context_tokens": _at_least_1, "serve.max_batch": _at_least_1,
     "serve.max_new_tokens": _at_least_1, "serve.prompt_buckets": _buckets, "serve.chunk_buckets": _buckets,
+    "serve.pic_dtype": _one_of("auto", "float32", "bfloat16", "int8"),
+    "serve.joint_page_threshold": (lambda v: v < 0 or 0 <= v < 2, "must be < 0 (off) or in [0, 2)"),
     "serve.context_buckets": _buckets, "param_dtype": _one_of("float32", "bfloat16"),
 }
 

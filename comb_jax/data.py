@@ -273,7 +273,9 @@ def backbone_fingerprint(backbone) -> str:
 def teacher_provenance(cfg, codec: Codec, fingerprint: str, examples: list[Example]) -> dict:
     ids = hashlib.sha256("\n".join(e.id + "\t" + "\x1f".join(e.chunks) + "\t" + e.question
                                    for e in examples).encode()).hexdigest()
-    return {"model": dataclasses.asdict(cfg.model), "weights": fingerprint, "tokenizer": codec.name,
+    # attention_impl is how attention runs, not what the model is: teacher caches stay valid across it
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "attention_impl"}
+    return {"model": model, "weights": fingerprint, "tokenizer": codec.name,
             "prompt_format": PROMPT_FORMAT, "max_new_tokens": cfg.train.teacher_max_tokens,
             "compute_dtype": cfg.compute_dtype, "examples": ids}
 

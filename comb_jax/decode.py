@@ -53,7 +53,7 @@ def prefill(params, prompt, prompt_lengths, picache: PICache | CrossContext | No
     """prompt [B, T] right-padded, prompt_lengths [B] -> DecodeState holding the first sampled token."""
     b = prompt.shape[0]
     cache = init_kv_cache(cfg, b, slots, dtype)
-    hidden, cache = forward(params, prompt, cfg, picache, cache, prompt_lengths, dtype)
+    hidden, cache = forward(params, prompt, cfg, picache, cache, prompt_lengths, dtype, fresh_cache=True)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
     rng, key = jax.random.split(rng)
     first = sample(lm_logits(params, last)[:, 0], key, temperature, top_p)

@@ -104,7 +104,7 @@ def prefill_with_pages(params, pool_k, pool_v, page_table, context_mask, prompt,
     page_table [B, C / page_tokens]; context_mask [B, C]; prompt [B, T]. Returns (DecodeState, CrossContext):
     the keys are normalised here once, and the decode loop reuses them as they are.
     """
-    ctx = cross_context(params, PICache(*gather_context(pool_k, pool_v, page_table, context_mask)), cfg, dtype)
+    ctx = cross_context(params, PICache(*gather_context(pool_k, pool_v, page_table, context_mask, dtype)), cfg, dtype)
     state = prefill(params, prompt, prompt_lengths, ctx, rng, temperature, top_p, cfg=cfg, slots=slots,
                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, dtype=dtype)
     return state, ctx

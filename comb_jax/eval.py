@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax import data
+from comb_jax import data, quant
 from comb_jax.checkpoint import load_params
 from comb_jax.config import load_config
 from comb_jax.metrics import contains_answer, qa_f1, rouge_l
@@ -138,20 +138,22 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-int(n) // multiple) * multiple)
 
 
-@partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _answer_nll_sums(params, tokens, positions, targets, target_mask, chunk_tokens, chunk_mask, *, cfg, dtype):
+@partial(jax.jit, static_argnames=("cfg", "dtype", "pic_dtype"))
+def _answer_nll_sums(params, tokens, positions, targets, target_mask, chunk_tokens, chunk_mask, *, cfg, dtype,
+                     pic_dtype="auto"):
     """Summed NLL [B] of `targets` predicted at `positions`.
 
     tokens [B, T]; positions, targets, target_mask [B, A]; chunk_tokens, chunk_mask [B, n, L] (each chunk encoded on
     its own, joined along the context axis as training's `batch_picache` does) or None (no PICache: the backbone).
-    The LM head runs at the answer positions only.
+    The LM head runs at the answer positions only. The PICache is read back as a pool storing `pic_dtype` gives it.
     """
     picache = None
     if chunk_tokens is not None:
         b, n, length = chunk_tokens.shape
         c = encode(params, chunk_tokens.reshape(b * n, length), chunk_mask.reshape(b * n, length), cfg, dtype)
         e, _, _, kv, d = c.k.shape
-        picache = PICache(c.k.reshape(e, b, n * length, kv, d), c.v.reshape(e, b, n * length, kv, d),
+        picache = PICache(quant.round_trip(c.k.reshape(e, b, n * length, kv, d), pic_dtype),
+                          quant.round_trip(c.v.reshape(e, b, n * length, kv, d), pic_dtype),
                           chunk_mask.reshape(b, n * length))
     hidden, _ = forward(params, tokens, cfg, picache, dtype=dtype)
     hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
@@ -160,7 +162,8 @@ def _answer_nll_sums(params, tokens, positions, targets, target_mask, chunk_toke
     return (nll * target_mask).sum(-1)
 
 
-def answer_nlls(params, model_cfg, prompts, answers, chunks=None, dtype=jnp.float32, batch_size: int = 8) -> np.ndarray:
+def answer_nlls(params, model_cfg, prompts, answers, chunks=None, dtype=jnp.float32, batch_size: int = 8,
+                pic_dtype: str = "auto") -> np.ndarray:
     """Teacher-forced NLL per answer token (mean over the answer's tokens) of each request: float64 [requests].
 
     prompts[i], answers[i]: token ids (the decoder sees prompt + answer[:-1] and is scored on every answer token);
@@ -205,7 +208,7 @@ def answer_nlls(params, model_cfg, prompts, answers, chunks=None, dtype=jnp.floa
                     chunk_tokens[r, j, :len(c)] = c
                     chunk_mask[r, j, :len(c)] = True
         sums = _answer_nll_sums(params, tokens, positions, targets, target_mask, chunk_tokens, chunk_mask,
-                                cfg=model_cfg, dtype=dtype)
+                                cfg=model_cfg, dtype=dtype, pic_dtype=pic_dtype)
         sums = np.asarray(jax.device_get(sums), np.float64)
         for r, i in enumerate(rows):  # a repeated row writes the same value again
             out[i] = sums[r] / len(answers[i])
@@ -221,7 +224,7 @@ def gap_closed(nll_none: float, nll_comb: float, nll_full: float) -> float | Non
 
 def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Example], max_chunk_tokens: int,
                  dtype=jnp.float32, batch_size: int = 8, answers: list[str] | None = None,
-                 cache: dict | None = None) -> dict:
+                 cache: dict | None = None, pic_dtype: str = "auto") -> dict:
     """How much of the full prompt's advantage Comb recovers, on `examples` (needs only params and examples).
 
     For each example, the teacher-forced NLL per token of `Codec.answer_ids(reference)` (reference: golds[0], or
@@ -243,7 +246,7 @@ def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Examp
     segs = [build_segments(codec, e.chunks, e.question, max_chunk_tokens) for e in examples]
     answer_ids = [codec.answer_ids(a) for a in refs]
     comb_prompts = [list(s.comb_prompt) for s in segs]
-    run = partial(answer_nlls, params, model_cfg, dtype=dtype, batch_size=batch_size)
+    run = partial(answer_nlls, params, model_cfg, dtype=dtype, batch_size=batch_size, pic_dtype=pic_dtype)
     chunks = [list(s.comb_chunks) for s in segs]
     cache = {} if cache is None else cache
     if "none" not in cache:
@@ -361,7 +364,9 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
                                            / max(1, sum(r["num_chunks"] for r in per_pass["shuffled"])), 4),
                 "cache_bytes_per_token": round(runner.cache_bytes_per_token(mode), 1),
                 "decoder_kv_bytes_per_context_token": (2 * m.num_layers * m.num_kv_heads * m.head_dim * itemsize
-                                                       if mode in DECODER_MODES else 0),
+                                                       if mode in DECODER_MODES + ("kvpacket",) else 0),
+                "page_compression": (round(runner.joint_stores[mode].compression(), 4)
+                                     if mode in runner.joint_stores else None),
                 "attn_sim": _mean([r["attn_sim"] for r in rows if "attn_sim" in r]),
                 "hidden_cos": _mean([r["hidden_cos"] for r in rows if "hidden_cos" in r]),
                 "same_answer": _mean([float(r["same_answer"]) for r in rows if "same_answer" in r]),
@@ -374,7 +379,8 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
             records_file.close()
     results = {"metric": metric, "requests": len(requests), "modes": summary}
     if reading:
-        results["reading"] = reading_nlls(runner.params, runner.cfg, codec, examples, max_chunk_tokens, runner.dtype)
+        results["reading"] = reading_nlls(runner.params, runner.cfg, codec, examples, max_chunk_tokens, runner.dtype,
+                                          pic_dtype=runner.pic_dtype)
         log.info(json.dumps({k: v for k, v in results["reading"].items() if k != "per_example"}))
     return results
 
@@ -388,6 +394,7 @@ COLUMNS = [  # (key, header)
     ("contain_original", "contain (original order)"), ("contain_shuffled", "contain (shuffled)"),
     ("ttft_hit_ms", "TTFT hit ms"), ("ttft_miss_ms", "TTFT miss ms"), ("hit_rate_shuffled", "hit rate shuffled"),
     ("cache_bytes_per_token", "cache B/token"), ("decoder_kv_bytes_per_context_token", "decoder KV B/ctx token"),
+    ("page_compression", "joint page compression"),
     ("attn_sim", "attn sim"), ("hidden_cos", "hidden cos"), ("same_answer", "same answer as full"),
     ("same_answer_across_orders", "same answer across orders"),
 ]
@@ -470,6 +477,13 @@ def write_reports(results: dict, out: Path):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _thresholds(text: str):
+    """'0.4' -> 0.4; 'comb=0.4,naive=1.1' -> {"comb": 0.4, "naive": 1.1}."""
+    if "=" not in text:
+        return float(text)
+    return {m.strip(): float(t) for m, t in (part.split("=", 1) for part in text.split(",") if part.strip())}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m comb_jax.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="configs/NAME.py")
@@ -487,6 +501,12 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reading", action="store_true", help="skip the teacher-forced NLLs and gap closed")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--kvpacket", default=None, help="mode kvpacket: a `python -m comb_jax.kvpacket` run dir (or its "
+                    "adapter.safetensors); 'zero' or none: no trailer tokens (exactly naive reuse)")
+    ap.add_argument("--joint-threshold", type=_thresholds, default=-1.0, help="store chunk caches as joint-encoded "
+                    "pages: a page within this relative distance of a stored page shares it (< 0: off; 0: exact "
+                    "duplicates); one number for every mode or MODE=T,MODE=T")
+    ap.add_argument("--joint-page-tokens", type=int, default=16, help="page size of the joint-encoded chunk caches")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     return ap.parse_args(argv)
 
@@ -507,16 +527,26 @@ def main(argv=None) -> dict:
                                      max_chunk_chars=cfg.serve.max_chunk_tokens * 4,
                                      include_unanswerable=args.include_unanswerable)
     params = load_params(cfg, args.checkpoint)
+    if "kvpacket" in modes:
+        from comb_jax import kvpacket
+
+        if not args.kvpacket:  # like Comb without a checkpoint: runs, but untrained (P = 0: exactly naive reuse)
+            log.warning("mode kvpacket without --kvpacket: no trailer tokens, the mode equals naive reuse")
+        params["kvpacket"] = (kvpacket.load_adapter(args.kvpacket) if args.kvpacket not in (None, "zero")
+                              else kvpacket.init_kvpacket(params["backbone"], 0))
     runner = PicRunner(params, cfg.model, stop_ids=codec.stop_ids,
                        max_new_tokens=args.max_new_tokens or cfg.serve.max_new_tokens, epic_k=args.epic_k,
-                       dtype=jnp.dtype(cfg.compute_dtype))
+                       dtype=jnp.dtype(cfg.compute_dtype), pic_dtype=cfg.serve.pic_dtype,
+                       joint_threshold=args.joint_threshold, joint_page_tokens=args.joint_page_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run_eval(runner, codec, examples, modes, metric=metric, max_chunk_tokens=cfg.serve.max_chunk_tokens,
                        seed=args.seed, records_path=out / "requests.jsonl", progress=not args.no_progress,
                        reading=not args.no_reading)
+    results.update(kvpacket=args.kvpacket, joint_threshold=args.joint_threshold,
+                   joint_page_tokens=args.joint_page_tokens)
     results.update(config=cfg.name, checkpoint=args.checkpoint, dataset=args.dataset, epic_k=args.epic_k,
-                   max_new_tokens=runner.max_new_tokens, compute_dtype=cfg.compute_dtype,
+                   max_new_tokens=runner.max_new_tokens, compute_dtype=cfg.compute_dtype, pic_dtype=cfg.serve.pic_dtype,
                    command="python -m comb_jax.eval " + " ".join(sys.argv[1:] if argv is None else argv))
     write_reports(results, out)
     print(markdown_table(results))

@@ -10,6 +10,10 @@ E cross layers, N decoder layers, H heads, K KV heads, D head_dim, M KV-cache sl
 
 The decoder runs as E groups of [stride - 1 decoder layers, cross block k, 1 decoder layer], so cross
 block k sits before layer c_k = (k + 1) * stride - 1, and the whole stack is two nested scans.
+
+Attention runs as `cfg.attention_impl` says (see `attention`): the einsum reference, or jax.nn.dot_product_attention
+with XLA or cuDNN flash attention. Each caller gives the dense mask (the meaning) and, where it has one, its
+structure (causal, key lengths), which is what cuDNN is given instead: no [tokens, tokens] matrix on that path.
 """
 
 from __future__ import annotations
@@ -104,11 +108,41 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-def attention(q, k, v, mask):
+def resolve_attention(cfg: ModelConfig, dtype) -> str:
+    """`cfg.attention_impl`, with "auto" made concrete: cudnn on an NVIDIA GPU for bfloat16/float16 and head
+    dims it supports (a multiple of 8, at most 128), xla otherwise."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    fused = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+             and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
+    return "cudnn" if fused else "xla"
+
+
+def attention(q, k, v, mask, impl: str = "einsum", *, causal: bool = False, kv_lengths=None):
     """Grouped-query attention. q [B, T, H, D]; k, v [B, S, K, D]; mask [B, T, S] -> [B, T, H, D].
 
-    Query head h reads KV head h // (H / K). Rows with no visible key give zeros (not NaN).
+    Query head h reads KV head h // (H / K). `mask` says which keys each query sees (every impl agrees with it).
+    `causal` (top-left aligned, static) and `kv_lengths` [B] (keys s < kv_lengths[b] are valid) describe the same
+    mask structurally, when the caller knows it is exactly `causal & (s < kv_lengths)`: cudnn then runs on them
+    alone; without them it falls back to the dense mask (as an additive bias). Rows with no visible key give zeros
+    on einsum and xla.
     """
+    if impl == "einsum":
+        return _einsum_attention(q, k, v, mask)
+    if impl == "xla":
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+        return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+    if impl == "cudnn":
+        if causal or kv_lengths is not None:
+            lengths = None if kv_lengths is None else jnp.maximum(kv_lengths, 1).astype(jnp.int32)  # 0 would NaN
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                                implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    raise ValueError(f"attention impl {impl!r}; valid: einsum, xla, cudnn (or auto in the config)")
+
+
+def _einsum_attention(q, k, v, mask):
+    """The reference: scores [B, K, H/K, T, S] in float32, masked softmax, probabilities @ v."""
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
@@ -134,12 +168,15 @@ def qkv(x, p, cos, sin):
     return q, k, v
 
 
-def block(x, p, cfg: ModelConfig, cos, sin, mask, kv=None):
+def block(x, p, cfg: ModelConfig, cos, sin, mask, kv=None, *, causal: bool = False, kv_lengths=None,
+          fresh: bool = False):
     """One Llama block (decoder layer or encoder block). x [B, T, embed].
 
     Without `kv`, attention is over the T tokens themselves under `mask` [B, T, T].
     With `kv` = (cache_k, cache_v, slots [B, T]): the new keys/values are written into the layer's cache
-    [B, M, K, D] at `slots` and attention reads the whole cache under `mask` [B, T, M].
+    [B, M, K, D] at `slots` and attention reads the whole cache under `mask` [B, T, M] -- or, when `fresh` (the
+    cache was empty and slots are 0..T-1), only the T new keys under `mask` [B, T, T], which is the same attention.
+    `causal` / `kv_lengths`: the structure of `mask`, see `attention`.
     Returns (x, (cache_k, cache_v) or None).
     """
     h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
@@ -149,33 +186,46 @@ def block(x, p, cfg: ModelConfig, cos, sin, mask, kv=None):
         rows = jnp.arange(x.shape[0])[:, None]
         cache_k = cache_k.at[rows, slots].set(k.astype(cache_k.dtype), mode="drop")
         cache_v = cache_v.at[rows, slots].set(v.astype(cache_v.dtype), mode="drop")
-        k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+        if not fresh:
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
         kv = (cache_k, cache_v)
-    attn = attention(q, k, v, mask)
+    attn = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, resolve_attention(cfg, q.dtype), causal=causal,
+                     kv_lengths=kv_lengths)
     x = x + jnp.einsum("bthd,hde->bte", attn, p["wo"])
     x = x + mlp(rms_norm(x, p["mlp_norm"], cfg.rms_eps), p)
     return x, kv
 
 
 def cross_context(params, picache: PICache | CrossContext, cfg: ModelConfig, dtype=jnp.float32) -> CrossContext:
-    """Apply every cross block's k_norm to its PICache keys (stored before k_norm) and cast to `dtype`."""
+    """Apply every cross block's k_norm to its PICache keys (stored before k_norm) and cast to `dtype`.
+
+    For cudnn attention the valid tokens of each row are moved to the front (cross-attention has no positions, so
+    the order of keys does not matter): the mask becomes `arange(C) < lengths`, which cudnn takes as key lengths.
+    """
     if isinstance(picache, CrossContext):
         return picache
     k_norm = params["comb"]["cross"]["k_norm"].astype(dtype)[:, None, None, None, :]  # [E, 1, 1, 1, D]
     k = rms_norm(picache.k.astype(dtype), k_norm, cfg.rms_eps)
-    return CrossContext(k, picache.v.astype(dtype), picache.mask)
+    v, mask = picache.v.astype(dtype), picache.mask
+    if resolve_attention(cfg, dtype) == "cudnn":
+        order = jnp.argsort(~mask, axis=-1, stable=True)  # [B, C]: valid tokens first, in their order
+        k, v = (jnp.take_along_axis(a, order[None, :, :, None, None], axis=2) for a in (k, v))
+        mask = jnp.take_along_axis(mask, order, axis=-1)
+    return CrossContext(k, v, mask)
 
 
 def cross_block(x, p, cfg: ModelConfig, ctx_k, ctx_v, ctx_mask):
     """Gated cross-attention, no positions, no causal mask. x [B, T, embed]; ctx_k/v [B, C, K, D]; mask [B, C].
 
     ctx_k is already normalised by this block's k_norm (see `cross_context`). Rows whose request has no context
-    are passed through unchanged (the block is skipped for them).
+    are passed through unchanged (the block is skipped for them). For cudnn the valid tokens come first (as
+    `cross_context` lays them out), so the mask is given as key lengths.
     """
     h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
     q = rms_norm(jnp.einsum("bte,ehd->bthd", h, p["wq"]), p["q_norm"], cfg.rms_eps)
     mask = jnp.broadcast_to(ctx_mask[:, None, :], (x.shape[0], x.shape[1], ctx_mask.shape[-1]))
-    attn = attention(q, ctx_k, ctx_v, mask)
+    attn = attention(q, ctx_k.astype(q.dtype), ctx_v.astype(q.dtype), mask, resolve_attention(cfg, q.dtype),
+                     kv_lengths=ctx_mask.sum(-1))
     has_ctx = ctx_mask.any(-1)[:, None, None]
     gate_attn = jnp.tanh(p["gate_attn"]).astype(x.dtype)
     x = x + jnp.where(has_ctx, gate_attn * jnp.einsum("bthd,hde->bte", attn, p["wo"]), 0)
@@ -196,7 +246,8 @@ def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: boo
     """Encode chunks independently. tokens, mask: [B, L] (one chunk per row) -> PICache [E, B, L, K, D].
 
     The embedding is the backbone's (frozen; its own `encoder_embed` when the model has one); attention is
-    bidirectional under the key-padding mask.
+    bidirectional under the key-padding mask. Chunks are right-padded (each row's mask is a prefix): cudnn attention
+    is given the mask as key lengths.
     """
     embed = params["backbone"].get("encoder_embed", params["backbone"]["embed"])
     enc = cast(params["comb"]["encoder"], dtype)
@@ -205,9 +256,11 @@ def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: boo
     cos, sin = rope_tables(cfg, positions)
     attn_mask = jnp.broadcast_to(mask[:, None, :], (tokens.shape[0], tokens.shape[1], tokens.shape[1]))
 
+    kv_lengths = mask.sum(-1)
+
     def body(x, p):
         layer, k_proj, v_proj = p
-        x, _ = block(x, layer, cfg, cos, sin, attn_mask)
+        x, _ = block(x, layer, cfg, cos, sin, attn_mask, kv_lengths=kv_lengths)
         k = jnp.einsum("ble,ekd->blkd", x, k_proj)
         v = jnp.einsum("ble,ekd->blkd", x, v_proj)
         return x, (k, v)
@@ -233,7 +286,7 @@ def concat_picaches(caches: list[PICache]) -> PICache:
 
 def forward(params, tokens, cfg: ModelConfig, picache: PICache | CrossContext | None = None,
             kv_cache: KVCache | None = None,
-            lengths=None, dtype=jnp.float32, remat: bool = False):
+            lengths=None, dtype=jnp.float32, remat: bool = False, fresh_cache: bool = False):
     """Decoder forward. tokens [B, T] -> (hidden [B, T, embed] after the final norm, updated KVCache or None).
 
     Without `kv_cache`: positions 0..T-1 and causal attention over the tokens (training, reference).
@@ -242,8 +295,11 @@ def forward(params, tokens, cfg: ModelConfig, picache: PICache | CrossContext | 
     is harmless: a padded slot is past every real query and is overwritten by the next real token.
     `picache=None` (or a row whose mask is all false) skips the cross blocks: the plain backbone. A
     `CrossContext` (see `cross_context`) is used as it is; a `PICache` is prepared here.
+    `fresh_cache=True` promises that `kv_cache` is empty (lengths 0, a prefill): self-attention then reads the T new
+    tokens causally instead of the whole cache, which cudnn runs as flash attention.
     """
-    x, new_cache, _ = _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps=False)
+    x, new_cache, _ = _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps=False,
+                               fresh_cache=fresh_cache)
     return x, new_cache
 
 
@@ -259,23 +315,29 @@ def forward_with_taps(params, tokens, cfg: ModelConfig, picache: PICache | Cross
     return x, taps
 
 
-def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps: bool):
+def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps: bool, fresh_cache: bool = False):
     bb = cast({k: v for k, v in params["backbone"].items() if k not in ("embed", "encoder_embed")}, dtype)
     x = params["backbone"]["embed"][tokens].astype(dtype)
     b, t = tokens.shape
     offsets = jnp.zeros((b,), jnp.int32) if kv_cache is None else kv_cache.lengths
     positions = offsets[:, None] + jnp.arange(t)[None, :]
     cos, sin = rope_tables(cfg, positions)
-    if kv_cache is None:
+    # the self-attention mask and its structure (see `attention`)
+    causal, kv_lengths = False, None
+    if kv_cache is None or fresh_cache:
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        causal = True
     else:
         mask = jnp.arange(kv_cache.k.shape[2])[None, None, :] <= positions[:, :, None]
+        if t == 1:  # a decode step: every slot up to its own position
+            kv_lengths = positions[:, 0] + 1
 
     def layer_step(carry, layer_and_index):
         x, cache = carry
         layer, i = layer_and_index
         kv = None if cache is None else (cache[0][i], cache[1][i], positions)
-        x, kv = block(x, layer, cfg, cos, sin, mask, kv)
+        x, kv = block(x, layer, cfg, cos, sin, mask, kv, causal=causal, kv_lengths=kv_lengths,
+                      fresh=fresh_cache and cache is not None)
         if cache is not None:
             cache = (cache[0].at[i].set(kv[0]), cache[1].at[i].set(kv[1]))
         return (x, cache), None

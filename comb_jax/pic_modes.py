@@ -19,6 +19,12 @@ the decoder's KV cache, slot for slot, and differ only in how the context slots 
 - "comb": each chunk is encoded by the Comb encoder into a PICache (cached per chunk), the PICaches are
   concatenated, and only `comb_prompt` (the question alone, chat-templated) is prefilled through the cross
   blocks. The context never enters the decoder's KV cache.
+- "kvpacket": KV Packet (comb_jax/kvpacket.py): "naive"'s per-chunk backbone KV, each followed by the KV of a few
+  trained soft tokens (computed once per chunk, cached with it), with no rotation or recomputation.
+
+`joint_threshold` >= 0 (a float, or {mode: threshold}) stores every chunk cache as pages through
+`joint_pages.HostPageStore`: pages close to a stored page (relative distance <= threshold) are served from that shared
+page (joint encoding of KV blocks).
 
 Every mode returns an `Answer`: greedy tokens, time to first token, how many chunks were served from cache.
 The compute is a handful of jit-compiled pure functions over `model.forward` / `model.encode`; the caches are
@@ -38,12 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comb_jax import quant
 from comb_jax.config import ModelConfig
 from comb_jax.decode import DecodeState, decode_loop
 from comb_jax.model import KVCache, PICache, apply_rope, encode, forward, init_kv_cache, lm_logits, rope_tables
 
-MODES = ("full", "prefix", "naive", "rerotate", "epic", "comb")
-DECODER_MODES = ("full", "prefix", "naive", "rerotate", "epic")  # the context sits in the decoder's KV cache
+MODES = ("full", "prefix", "naive", "rerotate", "epic", "comb", "kvpacket")
+# the context sits in the decoder's KV cache slot for slot ("kvpacket" adds trailer slots, so it is not one of them)
+DECODER_MODES = ("full", "prefix", "naive", "rerotate", "epic")
 
 
 @dataclass(frozen=True)
@@ -132,12 +140,13 @@ def chunk_kv(params, tokens, num_real, *, cfg: ModelConfig, dtype=jnp.float32):
     return cache.k[:, 0], cache.v[:, 0]
 
 
-@partial(jax.jit, static_argnames=("cfg", "dtype"))
-def encode_chunk(params, tokens, num_real, *, cfg: ModelConfig, dtype=jnp.float32):
-    """Comb encoder on one chunk [1, L] -> k, v [E, L, K, D] (padding past num_real is masked)."""
+@partial(jax.jit, static_argnames=("cfg", "dtype", "pic_dtype"))
+def encode_chunk(params, tokens, num_real, *, cfg: ModelConfig, dtype=jnp.float32, pic_dtype: str = "auto"):
+    """Comb encoder on one chunk [1, L] -> k, v [E, L, K, D] (padding past num_real is masked), read back as a
+    pool storing `pic_dtype` would give them (`quant.round_trip`)."""
     mask = jnp.arange(tokens.shape[1])[None, :] < num_real
     picache = encode(params, tokens, mask, cfg, dtype)
-    return picache.k[:, 0], picache.v[:, 0]
+    return quant.round_trip(picache.k[:, 0], pic_dtype), quant.round_trip(picache.v[:, 0], pic_dtype)
 
 
 @partial(jax.jit, static_argnames=("cfg", "slots"))
@@ -187,18 +196,21 @@ class PicRunner:
     """Answers requests in any mode on one model. Each mode has its own caches (`reset()` empties them).
 
     params: {"backbone", "comb"}; stop_ids end generation; epic_k: tokens recomputed at the start of each chunk
-    in "epic"; prefix_entries: capacity of the exact prefix cache (LRU, in requests).
+    in "epic"; prefix_entries: capacity of the exact prefix cache (LRU, in requests); pic_dtype: how "comb"'s chunk
+    caches are stored (`serve.pic_dtype`, e.g. int8).
     """
 
     def __init__(self, params, cfg: ModelConfig, *, stop_ids=(), max_new_tokens: int = 32, epic_k: int = 16,
-                 dtype=jnp.float32, prefix_entries: int = 16):
+                 dtype=jnp.float32, prefix_entries: int = 16, pic_dtype: str = "auto", joint_threshold: float = -1.0,
+                 joint_page_tokens: int = 16):
         if epic_k < 1:
             raise ValueError(f"epic_k must be >= 1, got {epic_k}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.params, self.cfg, self.dtype = params, cfg, dtype
+        self.params, self.cfg, self.dtype, self.pic_dtype = params, cfg, dtype, pic_dtype
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.max_new_tokens, self.epic_k, self.prefix_entries = max_new_tokens, epic_k, prefix_entries
+        self.joint_threshold, self.joint_page_tokens = joint_threshold, joint_page_tokens
         self.reset()
 
     def reset(self):
@@ -206,15 +218,18 @@ class PicRunner:
         self.prefix_cache: collections.OrderedDict = collections.OrderedDict()
         # naive / rerotate / epic: (mode, ids) -> (k, v [N, L, K, D]); comb: ids -> (k, v [E, L, K, D])
         self.chunk_cache: dict = {}
+        self.joint_stores: dict = {}  # mode -> joint_pages.HostPageStore (joint_threshold >= 0)
 
     def cache_bytes_per_token(self, mode: str) -> float:
         """Bytes this mode keeps per cached context token, measured on what its caches hold now (0 if empty)."""
         if mode == "prefix":
             entries = {entry_id: (k, v) for k, v, entry_id in self.prefix_cache.values()}.values()
-        elif mode in ("naive", "rerotate", "epic", "comb"):
+        elif mode in ("naive", "rerotate", "epic", "comb", "kvpacket"):
             entries = [kv for key, kv in self.chunk_cache.items() if key[0] == mode]  # template prefix included
         else:
             return 0.0
+        if mode in self.joint_stores:  # physical (shared) pages over the logical tokens they serve
+            return self.joint_stores[mode].bytes_per_token()
         tokens = sum(k.shape[1] for k, _ in entries)
         return sum(k.nbytes + v.nbytes for k, v in entries) / tokens if tokens else 0.0
 
@@ -264,9 +279,20 @@ class PicRunner:
             k, v = self.chunk_cache[key]
             return k, v, True
         k, v = compute(self.params, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)), cfg=self.cfg, dtype=self.dtype)
-        k, v = np.asarray(k[:, : len(ids)]), np.asarray(v[:, : len(ids)])
-        self.chunk_cache[key] = (k, v)
+        k, v = self._store(key, np.asarray(k[:, : len(ids)]), np.asarray(v[:, : len(ids)]))
         return k, v, False
+
+    def _store(self, key, k, v):
+        """Keep a chunk cache k, v [layers, L, K, D]; returns what later hits will read (joint pages may fuse it)."""
+        threshold = (self.joint_threshold.get(key[0], -1.0) if isinstance(self.joint_threshold, dict)
+                     else self.joint_threshold)  # one for every mode, or {mode: threshold}
+        if threshold >= 0:
+            from comb_jax.joint_pages import HostPageStore
+
+            store = self.joint_stores.setdefault(key[0], HostPageStore(self.joint_page_tokens, threshold))
+            k, v = store.put(k, v)
+        self.chunk_cache[key] = (k, v)
+        return k, v
 
     # -- modes -------------------------------------------------------------------------------------------
 
@@ -344,12 +370,17 @@ class PicRunner:
     def _epic(self, seg: Segments) -> Answer:
         return self._chunk_reuse(seg, "epic")
 
+    def _kvpacket(self, seg: Segments) -> Answer:
+        from comb_jax.kvpacket import answer_kvpacket
+
+        return answer_kvpacket(self, seg)
+
     def _comb(self, seg: Segments) -> Answer:
         start = time.perf_counter()
         keys, values, hits = [], [], 0
         chunks = seg.comb_chunks or seg.chunks
         for ids in chunks:
-            k, v, hit = self._chunk_entry(("comb", ids), ids, encode_chunk)
+            k, v, hit = self._chunk_entry(("comb", ids), ids, partial(encode_chunk, pic_dtype=self.pic_dtype))
             hits += hit
             keys.append(k)
             values.append(v)

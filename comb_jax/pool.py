@@ -1,7 +1,8 @@
 """The PICache pool: preallocated K/V pages on device, a host-side chunk index, and the chunk processor.
 
 Storage: k, v `[cross_layers, pages, page_tokens, kv_heads, head_dim]`, sharded over kv_heads on the mesh's
-tensor axis. A chunk of L tokens owns ceil(L / page_tokens) pages (its last page is partly filled).
+tensor axis, in `serve.pic_dtype` (int8: `quant.Int8Pages`, int8 values plus a float16 scale per token and head).
+A chunk of L tokens owns ceil(L / page_tokens) pages (its last page is partly filled).
 
 Index: key = sha256(fingerprint of encoder weights + tokenizer, token ids); a hit also compares the ids
 themselves, so a hash collision can never serve the wrong chunk. Entries carry a reference count (requests
@@ -23,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comb_jax import quant
 from comb_jax.config import ModelConfig, ServeConfig
+from comb_jax.joint_pages import PageSharing
 from comb_jax.model import encode
 from comb_jax.sharding import logical_sharding
 
@@ -74,17 +77,21 @@ class PoolStats:
     evictions: int = 0
 
 
-def pool_pages(serve: ServeConfig, cfg: ModelConfig, dtype) -> int:
-    """Number of pages: `pool_tokens` / page_tokens, or a fraction of device memory when pool_fraction > 0."""
+def page_bytes(serve: ServeConfig, cfg: ModelConfig, dtype) -> int:
+    """Device bytes of one page (K and V of every cross layer) stored as `serve.pic_dtype` (`dtype`: compute)."""
+    return serve.page_tokens * quant.bytes_per_token(cfg, serve.pic_dtype, dtype)
+
+
+def pool_pages(serve: ServeConfig, cfg: ModelConfig, dtype, bytes_limit: int | None = None) -> int:
+    """Number of pages: `pool_tokens` / page_tokens, or, when pool_fraction > 0, as many pages as fit in that
+    fraction of device memory (`bytes_limit`, default the device's): int8 pages are half the size, so twice as many.
+    """
     if serve.pool_fraction > 0:
-        stats = jax.devices()[0].memory_stats() or {}
-        limit = stats.get("bytes_limit")
+        limit = bytes_limit or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
         if not limit:
             raise ValueError("serve.pool_fraction needs a device that reports memory_stats()['bytes_limit'];"
                              " set serve.pool_tokens instead")
-        page_bytes = 2 * cfg.num_cross_layers * serve.page_tokens * cfg.num_kv_heads * cfg.head_dim
-        page_bytes *= jnp.dtype(dtype).itemsize
-        return max(1, int(limit * serve.pool_fraction) // page_bytes)
+        return max(1, int(limit * serve.pool_fraction) // page_bytes(serve, cfg, dtype))
     return max(1, serve.pool_tokens // serve.page_tokens)
 
 
@@ -102,11 +109,17 @@ class PagePool:
         self.num_pages = pool_pages(serve, cfg, dtype)
         shape = (cfg.num_cross_layers, self.num_pages, serve.page_tokens, cfg.num_kv_heads, cfg.head_dim)
         self.sharding = logical_sharding(shape, POOL_AXES, mesh)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)
-        self.k, self.v = zeros(), zeros()
+        empty = quant.zeros(shape, serve.pic_dtype, dtype)
+        if isinstance(empty, quant.Int8Pages):
+            self.sharding = quant.Int8Pages(self.sharding, logical_sharding(shape[:-1], POOL_AXES[:-1], mesh))
+        zeros = jax.jit(lambda: quant.zeros(shape, serve.pic_dtype, dtype), out_shardings=self.sharding)
+        self.k, self.v = zeros(), zeros()  # arrays, or quant.Int8Pages for pic_dtype int8
         self.free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low ids first
+        # page refcounts; with serve.joint_page_threshold >= 0 close pages are shared (entry.pages: physical ids)
+        self.sharing = PageSharing(self.num_pages, serve.page_tokens, serve.joint_page_threshold)
         self.entries: OrderedDict[str, list[Entry]] = OrderedDict()  # LRU order: oldest first
         self.stats = PoolStats()
+        self.on_evict = None  # called with each evicted entry before its pages are reused (a lower cache tier)
 
     # -- index --------------------------------------------------------------------------------------------
 
@@ -140,8 +153,10 @@ class PagePool:
                 return
             bucket = self.entries[key]
             for entry in [e for e in bucket if e.refcount == 0 and not e.pinned]:
+                if self.on_evict is not None and entry.written:
+                    self.on_evict(entry)
                 bucket.remove(entry)
-                self.free.extend(reversed(entry.pages))
+                self.free.extend(reversed(self.sharing.release(entry.pages)))
                 self.stats.evictions += 1
             if not bucket:
                 del self.entries[key]
@@ -176,6 +191,7 @@ class PagePool:
             raise PoolFullError(f"pool full: chunk needs {need} pages, {len(self.free)} free of {self.num_pages} "
                                 f"after evicting every idle entry ({in_use} entries in use or pinned)")
         entry = Entry(ids, [self.free.pop() for _ in range(need)], refcount=1)
+        self.sharing.allocate(entry.pages, len(ids))
         self.entries.setdefault(key, []).append(entry)
         self._touch(key)
         self.stats.misses += count
@@ -197,7 +213,7 @@ class PagePool:
         bucket = self.entries.get(key, [])
         if entry in bucket and not entry.written and entry.refcount == 0:
             bucket.remove(entry)
-            self.free.extend(reversed(entry.pages))
+            self.free.extend(reversed(self.sharing.release(entry.pages)))
             if not bucket:
                 del self.entries[key]
 
@@ -229,6 +245,7 @@ class PagePool:
                                               dtype=self.dtype)
                 for e in part:
                     e.written = True
+                self.free.extend(reversed(self.sharing.fuse(self, part)))
 
     def page_table(self, entries_per_row: list[list[Entry]], context_tokens: int):
         """Per-request dense view: page ids [B, context_tokens / page_tokens] and a token mask [B, context_tokens].
@@ -261,7 +278,8 @@ def write_chunks(params, pool_k, pool_v, tokens, mask, page_ids, *, cfg: ModelCo
     """Encode chunks and write them into their pages in place.
 
     tokens, mask [B, L] (L a multiple of page_tokens); page_ids [B, L / page_tokens] (out-of-range ids are
-    dropped: padding rows and pages past a chunk's end). pool_k/v [E, P, page_tokens, K, D] (donated).
+    dropped: padding rows and pages past a chunk's end). pool_k/v [E, P, page_tokens, K, D] (donated), arrays or
+    `quant.Int8Pages` (the chunks are quantised here).
     """
     cache = encode(params, tokens, mask, cfg, dtype)
     e, b, length, kv_heads, head_dim = cache.k.shape
@@ -269,17 +287,21 @@ def write_chunks(params, pool_k, pool_v, tokens, mask, page_ids, *, cfg: ModelCo
     flat_ids = page_ids.reshape(-1)
 
     def scatter(pool, new):
-        pages = new.reshape(e, b * (length // pt), pt, kv_heads, head_dim).astype(pool.dtype)
-        return pool.at[:, flat_ids].set(pages, mode="drop")
+        pages = quant.store(new.reshape(e, b * (length // pt), pt, kv_heads, head_dim), pool)
+        return jax.tree.map(lambda p, n: p.at[:, flat_ids].set(n, mode="drop"), pool, pages)
 
     return scatter(pool_k, cache.k), scatter(pool_v, cache.v)
 
 
-@jax.jit
-def gather_context(pool_k, pool_v, page_table, mask):
-    """Pages -> dense per-request PICache arrays. page_table [B, P_ctx]; mask [B, C] -> k, v [E, B, C, K, D]."""
+@partial(jax.jit, static_argnames=("dtype",))
+def gather_context(pool_k, pool_v, page_table, mask, dtype=None):
+    """Pages -> dense per-request PICache arrays. page_table [B, P_ctx]; mask [B, C] -> k, v [E, B, C, K, D].
+
+    k, v come in `dtype` (default: the pool's dtype; float32 for an int8 pool, which is dequantised here).
+    """
     def dense(pool):
-        pages = pool[:, page_table]  # [E, B, P_ctx, page_tokens, K, D]
+        pages = jax.tree.map(lambda a: a[:, page_table], pool)  # [E, B, P_ctx, page_tokens, K, D]
+        pages = quant.load(pages, dtype or (jnp.float32 if isinstance(pool, quant.Int8Pages) else pool.dtype))
         e, b, p, pt, k, d = pages.shape
         return pages.reshape(e, b, p * pt, k, d)
 

@@ -1,4 +1,7 @@
-"""Shared fixtures. Eight simulated CPU devices so sharding tests can build real meshes."""
+"""Shared fixtures. Eight simulated CPU devices so sharding tests can build real meshes.
+
+Tests marked gpu are deselected unless `-m` names gpu; `make test` on a GPU machine runs `-m gpu` with
+JAX_PLATFORMS=cuda (which the setdefault below leaves alone)."""
 
 import os
 
@@ -74,3 +77,14 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real-text data not found at {SHARED_DATA} (expected ../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only when the `-m` expression names gpu (`make test` on a GPU machine: `-m gpu`);
+    otherwise they are deselected, not skipped, so the CPU suite neither runs nor reports them."""
+    if "gpu" in (config.getoption("markexpr") or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("gpu") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu") is not None])
+        items[:] = keep

@@ -160,3 +160,31 @@ def test_kv_objective_trains_the_encoder_alone_towards_the_backbone_kv(tiny_cfg)
         state, metrics = step(state, backbone, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_pointer_init_writes_the_attended_token_towards_its_lm_head_row(tiny_cfg):
+    """init=pointer: encoder block k is decoder layer k; a cross block that attends to one chunk token adds
+    tanh(gate) * final_norm * P P^T (the token's encoder output) to the residual stream, P orthonormal."""
+    cfg = toy_cfg(tiny_cfg, "init=pointer")
+    m = cfg.model
+    backbone = init_params(model_layout(m), jax.random.key(3))["backbone"]
+    comb = init_comb(cfg, backbone, jax.random.key(0))
+    for name in ("wq", "wo", "w_down"):
+        np.testing.assert_array_equal(np.asarray(comb["encoder"]["layers"][name]),
+                                      np.asarray(backbone["layers"][name][:m.num_cross_layers]))
+    proj = np.asarray(comb["encoder"]["v_proj"][0]).reshape(m.hidden, -1)  # [hidden, K*D]
+    np.testing.assert_allclose(proj.T @ proj, np.eye(proj.shape[1]), atol=1e-5)
+    np.testing.assert_allclose(np.tanh(np.asarray(comb["cross"]["gate_attn"])), 0.5, rtol=1e-6)
+    params = {"backbone": backbone, "comb": comb}
+    token = jnp.asarray([[77]])
+    cache = encode(params, token, jnp.ones((1, 1), bool), m)
+    prompt = _tokens(1, 5)
+    _, read = forward_with_taps(params, prompt, m, cache)
+    _, plain = forward_with_taps(params, prompt, m)
+    # independent reference: the encoder's first block on the lone token, then g * P P^T of it
+    cos, sin = rope_tables(m, jnp.zeros((1, 1), jnp.int32))
+    layer0 = jax.tree.map(lambda a: a[0], backbone["layers"])
+    x_enc, _ = block(backbone["embed"][token], layer0, m, cos, sin, jnp.ones((1, 1, 1), bool))
+    expected = 0.5 * np.asarray(backbone["final_norm"]) * (proj @ (proj.T @ np.asarray(x_enc[0, 0])))
+    delta = np.asarray(read[0, 0] - plain[0, 0])  # every prompt position gets the same write
+    np.testing.assert_allclose(delta, np.broadcast_to(expected, delta.shape), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,53 @@
+"""Nearest-other-page relative distances (comb_jax/joint_pages.py) of chunk caches on held-out requests: the naive
+backbone KV and Comb's PICaches, and the fraction of pages a joint-encoding threshold would fuse.
+
+    python bench/joint_distances.py jsonl:runs/needles_dev.jsonl 8 16    # dataset, requests, page tokens
+"""
+import json
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from comb_jax import data
+from comb_jax.checkpoint import load_params
+from comb_jax.config import load_config
+from comb_jax.eval import DEFAULT_DATA_DIR, build_segments, load_examples
+from comb_jax.joint_pages import relative_distances
+from comb_jax.pic_modes import _pad, bucket, chunk_kv, encode_chunk
+
+dataset, limit, pt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cfg = load_config("smollm2_comb")
+codec = data.make_codec(cfg)
+examples, _ = load_examples(dataset, DEFAULT_DATA_DIR, limit=limit, seed=0, num_distractors=2,
+                            max_chunk_chars=cfg.serve.max_chunk_tokens * 4, include_unanswerable=False)
+params = load_params(cfg, "runs/qa_a/checkpoints/100")
+out = {}
+for mode, fn in (("naive", chunk_kv), ("comb", encode_chunk)):
+    pages_k, pages_v, valid, nearest = [], [], [], []
+    seen = set()
+    for e in examples:
+        seg = build_segments(codec, e.chunks, e.question, cfg.serve.max_chunk_tokens)
+        for ids in (seg.comb_chunks if mode == "comb" else seg.chunks):
+            if ids in seen:
+                continue
+            seen.add(ids)
+            k, v = fn(params, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)), cfg=cfg.model)
+            k, v = np.asarray(k[:, :len(ids)]), np.asarray(v[:, :len(ids)])
+            pad = ((0, 0), (0, -len(ids) % pt), (0, 0), (0, 0))
+            k, v = np.pad(k, pad), np.pad(v, pad)
+            for s in range(0, len(ids), pt):
+                n = min(pt, len(ids) - s)
+                kp, vp = k[:, s:s + pt], v[:, s:s + pt]
+                if pages_k:
+                    ok = np.asarray(valid) >= n
+                    d = relative_distances(kp, vp, np.stack(pages_k, 1), np.stack(pages_v, 1), n)
+                    nearest.append(float(np.where(ok, d, np.inf).min()))
+                pages_k.append(kp)
+                pages_v.append(vp)
+                valid.append(n)
+    q = np.quantile(nearest, [0, 0.01, 0.05, 0.1, 0.25, 0.5])
+    out[mode] = {"pages": len(valid), "nearest_quantiles(0,1,5,10,25,50%)": q.round(3).tolist(),
+                 **{f"fused_frac@{t}": float(np.mean(np.asarray(nearest) <= t))
+                    for t in (0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)}}
+print(json.dumps(out, indent=1))

@@ -1,0 +1,77 @@
+"""Offline corpus encoding into the persistent PICache store (`python -m comb_jax.encode_corpus`).
+
+Input: JSONL, one document per line, either a JSON string or {"id": name, "text": ...}. Each document is encoded
+once (documents already in the store are skipped) by the same code the server runs (`Scheduler.encode_documents`),
+so a server started later with the same model, tokenizer and store directory serves them from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from comb_jax.serving.protocol import Document
+
+
+class CorpusError(ValueError):
+    pass
+
+
+def read_corpus(path: str | Path) -> list[tuple[str | None, str]]:
+    """(name, text) per non-blank line; a bad line raises CorpusError naming it."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"--input {path} cannot be read: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise CorpusError(f"{path} line {n}: invalid JSON: {e}") from None
+        if isinstance(obj, str):
+            name, text = None, obj
+        elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            name, text = obj.get("id"), obj["text"]
+            if name is not None and not isinstance(name, str):
+                name = str(name)
+        else:
+            raise CorpusError(f"{path} line {n}: expected a JSON string or an object with 'text'")
+        if not text:
+            raise CorpusError(f"{path} line {n}: empty document")
+        out.append((name, text))
+    return out
+
+
+def encode_corpus(scheduler, documents: list[tuple[str | None, str]], batch: int | None = None,
+                  progress: bool = True) -> dict:
+    """Encode every document into the scheduler's store (the scheduler thread must not be running).
+
+    Returns {"documents": n, "encoded": newly encoded, "found": already cached, "ids": [document id per input]}.
+    """
+    if scheduler.thread is not None:
+        raise RuntimeError("encode_corpus drives the scheduler directly: do not start its thread")
+    limit = scheduler.engine.serve.max_chunk_tokens
+    batch = batch or scheduler.engine.serve.encode_batch
+    docs = []
+    for i, (name, text) in enumerate(documents):
+        doc = Document(scheduler.codec.encode(text), text, name)
+        if len(scheduler.entry_ids(doc.ids)) > limit:
+            raise CorpusError(f"document {i} ({name or 'unnamed'}) has {len(doc.ids)} tokens; at most {limit} "
+                              "(serve.max_chunk_tokens)")
+        docs.append(doc)
+    ids, encoded = [], 0
+    with tqdm(total=len(docs), desc="encode corpus", unit="doc", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, len(docs), batch):
+            for row in scheduler.encode_documents(docs[start:start + batch], pin=False, ttl_s=None):
+                ids.append(row["id"])
+                encoded += row["found_in"] == "encoded"
+            bar.update(min(batch, len(docs) - start))
+    if scheduler.store is not None:
+        scheduler.store.flush()
+    return {"documents": len(docs), "encoded": encoded, "found": len(docs) - encoded, "ids": ids}

@@ -1,0 +1,96 @@
+"""Continuous batching on static shapes: S decode slots, `insert` a prefilled request, one `decode_step`.
+
+The state holds every slot's KV cache, its request's dense cross context (keys already k-normed, padded to the
+largest context bucket), the last token, its own PRNG stream and sampling parameters. A request is prefilled on
+its own (`engine.prefill_with_pages`, batch 1) and `insert`ed into a free slot between decode steps; a finished
+request leaves by being marked inactive (the host passes `active` [S] to each step), so no shape ever changes.
+Both functions donate the state: the slots are updated in place, as in JetStream's prefill/insert/generate.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from comb_jax.config import ModelConfig
+from comb_jax.decode import sample
+from comb_jax.model import CrossContext, KVCache, forward, init_kv_cache, lm_logits
+
+
+class SlotState(NamedTuple):
+    """Device state of S decode slots.
+
+    kv_cache: k, v [N, S, M, K, D], lengths [S]; context: CrossContext k, v [E, S, C, K, D], mask [S, C] (None when
+    no request reads PICaches: mode full); last_token [S]; key_data [S, 2] uint32 (each slot's PRNG stream);
+    temperature, top_p [S].
+    """
+
+    kv_cache: KVCache
+    context: CrossContext | None
+    last_token: jax.Array
+    key_data: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+
+
+def init_slots(cfg: ModelConfig, slots: int, kv_slots: int, context_tokens: int, dtype) -> SlotState:
+    """Empty state: `slots` rows, `kv_slots` KV positions per row, `context_tokens` PICache tokens (0: none)."""
+    context = None
+    if context_tokens:
+        shape = (cfg.num_cross_layers, slots, context_tokens, cfg.num_kv_heads, cfg.head_dim)
+        context = CrossContext(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                               jnp.zeros((slots, context_tokens), bool))
+    key_shape = jax.random.key_data(jax.random.key(0)).shape
+    return SlotState(init_kv_cache(cfg, slots, kv_slots, dtype), context, jnp.zeros((slots,), jnp.int32),
+                     jnp.zeros((slots, *key_shape), jnp.uint32), jnp.zeros((slots,), jnp.float32),
+                     jnp.ones((slots,), jnp.float32))
+
+
+def sample_rows(logits, keys, temperature, top_p):
+    """`decode.sample` with one PRNG key per row, so a row's draws do not depend on the other slots.
+
+    logits [S, vocab]; keys [S] (typed); temperature, top_p [S] -> [S] int32.
+    """
+    return jax.vmap(lambda lg, k, t, p: sample(lg[None], k, t[None], p[None])[0])(logits, keys, temperature, top_p)
+
+
+@partial(jax.jit, donate_argnames=("state",))
+def insert(state: SlotState, slot, kv_cache: KVCache, context: CrossContext | None, first_token, rng, temperature,
+           top_p) -> SlotState:
+    """Write one prefilled request into row `slot` (a traced scalar: one compile serves every slot).
+
+    kv_cache: k, v [N, 1, M, K, D]; context: k, v [E, 1, C, K, D], mask [1, C] with C <= the state's context
+    length (padded here; one compile per context bucket); first_token [1]; rng: the request's key after the
+    prefill's draw; temperature, top_p: scalars.
+    """
+    put = lambda big, row, axis: jax.lax.dynamic_update_index_in_dim(big, row.astype(big.dtype), slot, axis)
+    kv = KVCache(put(state.kv_cache.k, kv_cache.k, 1), put(state.kv_cache.v, kv_cache.v, 1),
+                 put(state.kv_cache.lengths, kv_cache.lengths, 0))
+    ctx = state.context
+    if ctx is not None:
+        pad = ctx.mask.shape[1] - context.mask.shape[1]
+        dense = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+        ctx = CrossContext(put(ctx.k, dense(context.k), 1), put(ctx.v, dense(context.v), 1),
+                           put(ctx.mask, jnp.pad(context.mask, ((0, 0), (0, pad))), 0))
+    return SlotState(kv, ctx, put(state.last_token, first_token, 0),
+                     put(state.key_data, jax.random.key_data(rng)[None], 0),
+                     put(state.temperature, jnp.reshape(temperature, (1,)), 0),
+                     put(state.top_p, jnp.reshape(top_p, (1,)), 0))
+
+
+@partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("state",))
+def decode_step(params, state: SlotState, active, *, cfg: ModelConfig, dtype=jnp.float32):
+    """One token for every active slot. active [S] bool -> (state, next tokens [S]).
+
+    Inactive rows keep their last token, PRNG stream and KV length (their cache write is never read).
+    """
+    hidden, kv = forward(params, state.last_token[:, None], cfg, state.context, state.kv_cache,
+                         active.astype(jnp.int32), dtype)
+    keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(state.key_data))  # [S, 2]: next stream, draw
+    nxt = sample_rows(lm_logits(params, hidden)[:, 0], keys[:, 1], state.temperature, state.top_p)
+    nxt = jnp.where(active, nxt, state.last_token)
+    key_data = jnp.where(active[:, None], jax.random.key_data(keys[:, 0]), state.key_data)
+    return state._replace(kv_cache=kv, last_token=nxt, key_data=key_data), nxt

@@ -1,0 +1,118 @@
+"""KV Packet on tiny_comb random weights: the P=0 packet is naive reuse, the trailer is the backbone reading soft
+tokens after the document, training and serving assemble the same cache, and a training step lowers the loss."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from comb_jax import kvpacket
+from comb_jax.pic_modes import PicRunner, Segments, _pad, bucket, chunk_kv
+from comb_jax.training import make_optimizer
+
+TOL = 1e-5
+rng = np.random.default_rng(3)
+PREFIX = tuple(int(i) for i in rng.integers(1, 256, 7))
+CHUNKS = tuple(tuple(int(i) for i in rng.integers(1, 256, n)) for n in (13, 11, 9))
+SUFFIX = tuple(int(i) for i in rng.integers(1, 256, 6))
+ANSWER = [int(i) for i in rng.integers(1, 256, 5)]
+
+
+def seg(chunks=CHUNKS):
+    return Segments(PREFIX, tuple(chunks), SUFFIX, SUFFIX)
+
+
+def with_adapter(params, adapter):
+    return {**params, "kvpacket": jax.tree.map(jnp.asarray, adapter)}
+
+
+def random_adapter(params, p, seed=0):
+    return kvpacket.init_kvpacket(params["backbone"], p, key=jax.random.key(seed), noise=1.0)
+
+
+def test_zero_adapter_is_naive_reuse(tiny_cfg, tiny_params):
+    params = with_adapter(tiny_params, kvpacket.init_kvpacket(tiny_params["backbone"], 0))
+    runner = PicRunner(params, tiny_cfg.model, max_new_tokens=4)
+    for s in (seg(), seg(CHUNKS[::-1])):
+        naive, packet = runner.answer("naive", s), runner.answer("kvpacket", s)
+        assert packet.tokens == naive.tokens
+        np.testing.assert_array_equal(packet.last_hidden, naive.last_hidden)
+        np.testing.assert_array_equal(np.asarray(packet.kv_cache.k), np.asarray(naive.kv_cache.k))
+        np.testing.assert_array_equal(np.asarray(packet.kv_cache.v), np.asarray(naive.kv_cache.v))
+    assert runner.cache_bytes_per_token("kvpacket") == runner.cache_bytes_per_token("naive")
+
+
+def test_trailer_is_the_backbone_reading_soft_tokens_after_the_document(tiny_cfg, tiny_params):
+    """A trailer holding real tokens' embeddings gives exactly the KV of the document followed by those tokens."""
+    extra = (5, 17, 250)
+    adapter = {"trailer": np.asarray(tiny_params["backbone"]["embed"])[list(extra)]}
+    runner = PicRunner(with_adapter(tiny_params, adapter), tiny_cfg.model, max_new_tokens=2)
+    k, v = kvpacket.packet_kv(runner, CHUNKS[0])
+    ids = CHUNKS[0] + extra
+    ref_k, ref_v = chunk_kv(tiny_params, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)), cfg=tiny_cfg.model)
+    np.testing.assert_allclose(k, np.asarray(ref_k[:, : len(ids)]), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(v, np.asarray(ref_v[:, : len(ids)]), atol=TOL, rtol=TOL)
+
+
+def batch_for(tiny_cfg, segments):
+    features = [{"prefix": list(s.prefix), "chunks": [list(c) for c in s.chunks], "suffix": list(s.suffix),
+                 "answer": ANSWER} for s in segments]
+    tc = dataclasses.replace(tiny_cfg.train, chunk_buckets=(16, 32), decoder_buckets=(16, 32),
+                             teacher_buckets=(64, 128))
+    return {k: jnp.asarray(v) for k, v in kvpacket.collate(features, tc).items()}
+
+
+def test_training_student_matches_serving(tiny_cfg, tiny_params):
+    """The training forward (one batch, padded chunks) sees the same cache as the serving mode."""
+    adapter = random_adapter(tiny_params, 3)
+    runner = PicRunner(with_adapter(tiny_params, adapter), tiny_cfg.model, max_new_tokens=2)
+    segments = [seg(), seg(CHUNKS[1:])]  # the second row has a padding chunk
+    batch = batch_for(tiny_cfg, segments)
+    hidden = kvpacket.student_hidden(jax.tree.map(jnp.asarray, adapter), tiny_params["backbone"], batch,
+                                     tiny_cfg.model)
+    for row, s in enumerate(segments):
+        served = runner.answer("kvpacket", s)
+        np.testing.assert_allclose(np.asarray(hidden[row, len(SUFFIX) - 1]), served.last_hidden, atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_training_step_lowers_the_loss(tiny_cfg, tiny_params):
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, learning_rate=3e-2, warmup_steps=1,
+                                                                  weight_decay=0.0))
+    kt = kvpacket.KVPacketTraining(num_tokens=4, kl_weight=1.0, ce_weight=0.0)
+    batch = batch_for(tiny_cfg, [seg(), seg(CHUNKS[::-1])])
+    adapter = jax.tree.map(jnp.asarray, random_adapter(tiny_params, 4, seed=1))
+    loss = lambda a: float(kvpacket.kvpacket_loss(a, tiny_params["backbone"], batch, cfg)[0])  # noqa: E731
+    before = loss(adapter)
+    optimizer = make_optimizer(cfg.train)
+    opt_state = optimizer.init(adapter)
+    step = kvpacket.make_step(cfg, optimizer, kt)
+    for _ in range(5):
+        adapter, opt_state, metrics = step(adapter, opt_state, tiny_params["backbone"], batch)
+    assert before > 0
+    assert loss(adapter) < before
+    assert set(adapter) == {"trailer"}  # only the adapter is trained: the backbone is an argument, never returned
+
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_packet_slots(tiny_cfg, tiny_params, p):
+    runner = PicRunner(with_adapter(tiny_params, random_adapter(tiny_params, p)), tiny_cfg.model, max_new_tokens=2)
+    answer = runner.answer("kvpacket", seg())
+    assert int(answer.kv_cache.lengths[0]) == len(seg().full) + p * len(CHUNKS)
+
+
+def test_reading_nlls_zero_adapter_reads_like_naive(tiny_cfg, tiny_params):
+    from comb_jax.data import Example
+
+    examples = [Example(f"e{i}", ("alpha beta gamma " * (i + 1), "delta epsilon"), f"what {i}?", "beta", ("beta",))
+                for i in range(3)]
+    zero = kvpacket.reading_nlls(tiny_cfg, tiny_params["backbone"], kvpacket.init_kvpacket(tiny_params["backbone"], 0),
+                                 examples, batch_size=2)
+    assert zero["nll_kvpacket"] == zero["nll_naive"] and zero["kl_kvpacket"] == zero["kl_naive"] >= 0
+    assert zero["requests"] == 3
+    assert zero["nll_none"] != zero["nll_full"]
+    trained = kvpacket.reading_nlls(tiny_cfg, tiny_params["backbone"], random_adapter(tiny_params, 2), examples,
+                                    batch_size=2)
+    assert trained["nll_naive"] == pytest.approx(zero["nll_naive"]) and trained["nll_kvpacket"] != zero["nll_naive"]
