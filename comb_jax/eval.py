@@ -365,8 +365,8 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
                 "cache_bytes_per_token": round(runner.cache_bytes_per_token(mode), 1),
                 "decoder_kv_bytes_per_context_token": (2 * m.num_layers * m.num_kv_heads * m.head_dim * itemsize
                                                        if mode in DECODER_MODES + ("kvpacket",) else 0),
-                "page_compression": (round(runner.joint_stores[mode].compression(), 4)
-                                     if mode in runner.joint_stores else None),
+                "page_compression": (None if runner.page_compression(mode) is None
+                                     else round(runner.page_compression(mode), 4)),
                 "attn_sim": _mean([r["attn_sim"] for r in rows if "attn_sim" in r]),
                 "hidden_cos": _mean([r["hidden_cos"] for r in rows if "hidden_cos" in r]),
                 "same_answer": _mean([float(r["same_answer"]) for r in rows if "same_answer" in r]),

@@ -233,6 +233,11 @@ class PicRunner:
         tokens = sum(k.shape[1] for k, _ in entries)
         return sum(k.nbytes + v.nbytes for k, v in entries) / tokens if tokens else 0.0
 
+    def page_compression(self, mode: str) -> float | None:
+        """Logical over physical pages of `mode`'s chunk caches under joint encoding; None when it is off."""
+        store = self.joint_stores.get(mode)
+        return None if store is None else store.compression()
+
     def answer(self, mode: str, seg: Segments) -> Answer:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")

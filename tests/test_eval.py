@@ -203,6 +203,9 @@ class ScriptedRunner:
     def cache_bytes_per_token(self, mode):
         return 0.0
 
+    def page_compression(self, mode):
+        return None
+
     def answer(self, mode, seg):
         question = next(q for q in QUESTIONS if q in self.codec.decode(seg.suffix))
         chunks = [list(c) for c in seg.comb_chunks]
