@@ -123,7 +123,7 @@ class TrainConfig:
     # what the loss trains: "answer" (cross-entropy on answer tokens, plus the kl/hidden terms) or "kv" (the encoder
     # alone: its K/V regressed onto the frozen backbone's own pre-RoPE K/V of the same chunk at layer c_k)
     objective: str = "answer"
-    init_checkpoint: str = ""  # start the comb params from this run / step dir instead of `init` (e.g. a "kv" run)
+    init_checkpoint: str = ""  # start the comb params from this run / step dir ("shipped": this config's shipped)
     # tanh of the attention gates at init (0 = the release: closed gates, every cross weight without gradient)
     init_attn_gate: float = 0.0
     zero_cross_out: bool = False  # zero the cross o_proj at init: with open gates the model still equals the backbone

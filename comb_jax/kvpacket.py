@@ -326,7 +326,7 @@ def make_step(cfg, optimizer, kt: KVPacketTraining):
 
 
 def save_adapter(run_dir: Path, step: int, adapter, opt_state, data_state, cfg, kt: KVPacketTraining):
-    """An orbax checkpoint like the Comb trainer's (the adapter in the `comb` slot) plus adapter.safetensors for loading."""
+    """An orbax checkpoint like the Comb trainer's (the adapter in the `comb` slot) plus adapter.safetensors."""
     from comb_jax import checkpoint as ckpt
 
     manager = ckpt.make_manager(ckpt.checkpoint_root(run_dir), cfg.train.keep_checkpoints)
@@ -362,7 +362,7 @@ def load_adapter(path: str | Path) -> dict:
 
 
 def train_kvpacket(cfg, kt: KVPacketTraining, backbone=None, examples=None, progress: bool = True) -> dict:
-    """Train the trailer for `cfg.train.steps` steps; metrics.jsonl, checkpoints and adapter.safetensors in train.run_dir."""
+    """Train the trailer for `cfg.train.steps` steps; metrics.jsonl, checkpoints, adapter.safetensors in run_dir."""
     from tqdm import tqdm
 
     from comb_jax import data as data_lib

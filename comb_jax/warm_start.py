@@ -72,7 +72,11 @@ def open_attention_gates(comb: dict, tanh_gate: float, zero_out: bool) -> dict:
 
 def init_comb(cfg, backbone, key) -> dict:
     tc = cfg.train
-    if tc.init_checkpoint:
+    if tc.init_checkpoint == "shipped":  # the weights this config ships (comb_jax/shipped_models/NAME)
+        from comb_jax.shipped import load_shipped
+
+        comb = jax.tree.map(jnp.asarray, load_shipped(cfg))
+    elif tc.init_checkpoint:
         from comb_jax.checkpoint import restore_comb_params
 
         comb = jax.tree.map(jnp.asarray, restore_comb_params(tc.init_checkpoint, cfg, prefer="latest"))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def _smollm2_comb():
-    spec = importlib.util.spec_from_file_location("comb_configs.smollm2_comb", Path(__file__).with_name("smollm2_comb.py"))
+    path = Path(__file__).with_name("smollm2_comb.py")  # configs/ is not a package: load the sibling by path
+    spec = importlib.util.spec_from_file_location("comb_configs.smollm2_comb", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.config()

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from comb_jax import data, eval as ev, shipped
+from comb_jax import data, shipped
+from comb_jax import eval as ev
 from comb_jax.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -40,3 +41,14 @@ def test_reads_held_out_needles_from_the_right_chunks_in_any_order(pointer, shar
     shuffled = [data.Example(e.id, e.chunks[::-1], e.question, e.answer, e.golds) for e in examples]
     again = ev.reading_nlls(params, cfg.model, codec, shuffled, cfg.train.max_chunk_tokens)
     np.testing.assert_allclose(again["per_example"]["nll_comb"], r["per_example"]["nll_comb"], rtol=1e-4)
+
+
+def test_training_can_start_from_the_shipped_weights(pointer):
+    import dataclasses
+
+    from comb_jax.warm_start import init_comb
+
+    cfg, params = pointer
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_checkpoint="shipped"))
+    comb = init_comb(cfg, params["backbone"], jax.random.key(0))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), comb, params["comb"])
