@@ -33,6 +33,7 @@ from comb_jax.config import load_config
 from comb_jax.data import make_codec
 from comb_jax.engine import Engine, Request, Result, compile_count
 from comb_jax.pool import RequestError
+from comb_jax.serving.protocol import json_kind
 from comb_jax.tokenizer import chat_prompt_ids, text_ids
 
 DEMO_CHUNKS = [
@@ -66,14 +67,6 @@ ROLES = ("system", "user", "assistant")
 MAX_TEMPERATURE = 100.0
 
 
-def _json_type(value) -> str:
-    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                       (list, "an array"), (dict, "an object")):
-        if isinstance(value, kind):
-            return name
-    return "null"
-
-
 def _shown(value) -> str:
     try:
         text = json.dumps(value) if isinstance(value, (bool, str)) or value is None else repr(value)
@@ -83,7 +76,7 @@ def _shown(value) -> str:
 
 
 def _got(value) -> str:
-    return "null" if value is None else f"{_json_type(value)} {_shown(value)}"
+    return "null" if value is None else f"{json_kind(value)} {_shown(value)}"
 
 
 def _int_field(obj, name, default, lo, hi):
@@ -124,10 +117,10 @@ def request_id(obj, line_no: int):
 def check_messages(messages):
     if not isinstance(messages, list) or not messages:
         raise RequestError(f"'messages' must be a non-empty array of {{role, content}} objects, got "
-                           f"{_json_type(messages)}")
+                           f"{json_kind(messages)}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise RequestError(f"'messages[{i}]' must be an object {{role, content}}, got {_json_type(m)}")
+            raise RequestError(f"'messages[{i}]' must be an object {{role, content}}, got {json_kind(m)}")
         unknown = sorted(set(m) - {"role", "content"})
         if unknown:
             raise RequestError(f"'messages[{i}]' has unknown fields {', '.join(map(repr, unknown))}; "
@@ -136,7 +129,7 @@ def check_messages(messages):
             if key not in m:
                 raise RequestError(f"'messages[{i}].{key}' is missing")
             if not isinstance(m[key], str):
-                raise RequestError(f"'messages[{i}].{key}' must be a string, got {_json_type(m[key])}")
+                raise RequestError(f"'messages[{i}].{key}' must be a string, got {json_kind(m[key])}")
         if m["role"] not in ROLES:
             raise RequestError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {_shown(m['role'])}")
     if not any(m["role"] == "user" for m in messages):
@@ -168,24 +161,24 @@ def prompt_ids(codec, question, messages, inline_chunks: list[str] | None) -> li
 def parse_request(obj, line_no: int, codec, mode: str, max_new_tokens: int = 1 << 30) -> Request:
     """A decoded JSON request -> engine Request (id: the id as a string). Raises RequestError naming the field."""
     if not isinstance(obj, dict):
-        raise RequestError(f"a request must be a JSON object, got {_json_type(obj)}")
+        raise RequestError(f"a request must be a JSON object, got {json_kind(obj)}")
     unknown = sorted(set(obj) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(f"unknown fields {', '.join(map(repr, unknown))}; valid: {', '.join(REQUEST_FIELDS)}")
     rid = str(request_id(obj, line_no))
     chunks = obj.get("chunks", [])
     if not isinstance(chunks, list):
-        raise RequestError(f"'chunks' must be a list of strings, got {_json_type(chunks)}")
+        raise RequestError(f"'chunks' must be a list of strings, got {json_kind(chunks)}")
     for i, c in enumerate(chunks):
         if not isinstance(c, str):
-            raise RequestError(f"'chunks' must be a list of strings: 'chunks[{i}]' is {_json_type(c)}")
+            raise RequestError(f"'chunks' must be a list of strings: 'chunks[{i}]' is {json_kind(c)}")
         if not c:
             raise RequestError(f"'chunks[{i}]' is an empty string")
     question, messages = obj.get("question"), obj.get("messages")
     if ("question" in obj) == ("messages" in obj):
         raise RequestError("give exactly one of 'question' or 'messages'")
     if "question" in obj and not isinstance(question, str):
-        raise RequestError(f"'question' must be a string, got {_json_type(question)}")
+        raise RequestError(f"'question' must be a string, got {json_kind(question)}")
     if "messages" in obj:
         check_messages(messages)
     max_tokens = _int_field(obj, "max_tokens", 0, 1, max_new_tokens)

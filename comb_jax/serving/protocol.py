@@ -80,7 +80,8 @@ class ParseContext:
     find_document: Callable[[str], Document | None] = lambda _id: None
 
 
-def _kind(v) -> str:
+def json_kind(v) -> str:
+    """How JSON names the type of a decoded value, for error messages ("an integer", "an array", ...)."""
     for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
                     (list, "an array"), (dict, "an object")):
         if isinstance(v, t):
@@ -93,7 +94,7 @@ def _number(body, name, default, lo, hi, lo_open=False) -> float:
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(name, f"'{name}' must be a finite number, got {_kind(v)}")
+        raise bad(name, f"'{name}' must be a finite number, got {json_kind(v)}")
     if not ((lo < v) if lo_open else (lo <= v)) or v > hi:
         raise bad(name, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
     return float(v)
@@ -104,7 +105,7 @@ def _integer(body, name, default, lo, hi) -> int:
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise bad(name, f"'{name}' must be an integer, got {_kind(v)}")
+        raise bad(name, f"'{name}' must be an integer, got {json_kind(v)}")
     if not lo <= v <= hi:
         raise bad(name, f"'{name}' must be in [{lo}, {hi}], got {v}")
     return v
@@ -112,7 +113,7 @@ def _integer(body, name, default, lo, hi) -> int:
 
 def _check_fields(body, allowed: set[str]):
     if not isinstance(body, dict):
-        raise bad(None, f"the request body must be a JSON object, got {_kind(body)}")
+        raise bad(None, f"the request body must be a JSON object, got {json_kind(body)}")
     for name in sorted(set(body) - allowed):
         raise bad(name, f"unrecognized request argument supplied: {name}", code="unknown_parameter")
 
@@ -120,7 +121,7 @@ def _check_fields(body, allowed: set[str]):
 def _common(body, ctx: ParseContext, gen: Generation, budget_field: str = "max_tokens"):
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise bad("model", f"'model' must be a non-empty string, got {_kind(model)}")
+        raise bad("model", f"'model' must be a non-empty string, got {json_kind(model)}")
     if model != ctx.model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
                        param="model", code="model_not_found")
@@ -147,11 +148,11 @@ def _common(body, ctx: ParseContext, gen: Generation, budget_field: str = "max_t
     gen.stop = stop
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad("seed", f"'seed' must be an integer, got {_kind(seed)}")
+        raise bad("seed", f"'seed' must be an integer, got {json_kind(seed)}")
     gen.seed = seed
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise bad("stream", f"'stream' must be a boolean, got {_kind(stream)}")
+        raise bad("stream", f"'stream' must be a boolean, got {json_kind(stream)}")
     gen.stream = bool(stream)
     options = body.get("stream_options")
     if options is not None:
@@ -161,7 +162,7 @@ def _common(body, ctx: ParseContext, gen: Generation, budget_field: str = "max_t
             raise bad("stream_options", "'stream_options' is only allowed with 'stream': true")
         gen.include_usage = bool(options.get("include_usage", False))
     if body.get("user") is not None and not isinstance(body["user"], str):
-        raise bad("user", f"'user' must be a string, got {_kind(body['user'])}")
+        raise bad("user", f"'user' must be a string, got {json_kind(body['user'])}")
 
 
 def parse_documents(value, ctx: ParseContext, param: str = "documents") -> list[Document]:
@@ -169,7 +170,7 @@ def parse_documents(value, ctx: ParseContext, param: str = "documents") -> list[
     if value is None:
         return []
     if not isinstance(value, list):
-        raise bad(param, f"'{param}' must be an array of strings or {{id, text}} objects, got {_kind(value)}")
+        raise bad(param, f"'{param}' must be an array of strings or {{id, text}} objects, got {json_kind(value)}")
     out = []
     for i, d in enumerate(value):
         where = f"{param}[{i}]"
@@ -181,7 +182,7 @@ def parse_documents(value, ctx: ParseContext, param: str = "documents") -> list[
                 raise bad(where, f"'{where}' has unknown fields {', '.join(map(repr, unknown))}; valid: 'id', 'text'")
             name, text = d.get("id"), d.get("text")
             if name is not None and (not isinstance(name, str) or not name):
-                raise bad(f"{where}.id", f"'{where}.id' must be a non-empty string, got {_kind(name)}")
+                raise bad(f"{where}.id", f"'{where}.id' must be a non-empty string, got {json_kind(name)}")
             if text is None:
                 if name is None:
                     raise bad(where, f"'{where}' needs 'text' or the 'id' of a document encoded before")
@@ -193,7 +194,7 @@ def parse_documents(value, ctx: ParseContext, param: str = "documents") -> list[
                 out.append(known)
                 continue
         else:
-            raise bad(where, f"'{where}' must be a string or an {{id, text}} object, got {_kind(d)}")
+            raise bad(where, f"'{where}' must be a string or an {{id, text}} object, got {json_kind(d)}")
         if not isinstance(text, str) or not text:
             raise bad(where, f"'{where}' must have non-empty text")
         out.append(Document(ctx.codec.encode(text), text, name))
@@ -212,7 +213,7 @@ def _content(message, where: str) -> str:
             parts.append(part["text"])
         return "".join(parts)
     raise bad(f"{where}.content", f"'{where}.content' must be a string or an array of text parts, got "
-                                  f"{_kind(content)}")
+                                  f"{json_kind(content)}")
 
 
 def _inline(texts: list[str]) -> str:
@@ -230,12 +231,12 @@ def parse_chat(body, ctx: ParseContext) -> Generation:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", f"'messages' must be a non-empty array of {{role, content}} objects, got "
-                              f"{_kind(messages)}")
+                              f"{json_kind(messages)}")
     turns = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise bad(where, f"'{where}' must be an object {{role, content}}, got {_kind(m)}")
+            raise bad(where, f"'{where}' must be an object {{role, content}}, got {json_kind(m)}")
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}")
@@ -271,7 +272,7 @@ def parse_completion(body, ctx: ParseContext) -> Generation:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
-        raise bad("prompt", f"'prompt' must be a non-empty string, got {_kind(prompt)}")
+        raise bad("prompt", f"'prompt' must be a non-empty string, got {json_kind(prompt)}")
     docs = parse_documents(body.get("documents"), ctx)
     if ctx.mode == "full" and docs:
         prompt = "\n\n".join(_document_texts(docs, ctx.codec)) + "\n\n" + prompt
@@ -290,7 +291,7 @@ def parse_document_upload(body, ctx: ParseContext) -> tuple[list[Document], bool
         raise bad("documents", "'documents' must be a non-empty array")
     pin = body.get("pin", False)
     if not isinstance(pin, bool):
-        raise bad("pin", f"'pin' must be a boolean, got {_kind(pin)}")
+        raise bad("pin", f"'pin' must be a boolean, got {json_kind(pin)}")
     ttl = body.get("ttl_s")
     if ttl is not None:
         ttl = _number(body, "ttl_s", 0.0, 0.0, 365 * 86400.0, lo_open=True)
