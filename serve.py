@@ -1,6 +1,6 @@
 """Batch inference with Comb: chunks become PICaches in a page pool, prompts are prefilled, one decode loop.
 
-    python serve.py --config smollm2_comb --checkpoint runs/smollm2_comb --input requests.jsonl \
+    python serve.py [--config smollm2_pointer] [--checkpoint RUN_DIR] --input requests.jsonl \
         --output results.jsonl [--mode comb|full] [key=value overrides]
     python serve.py --http --config smollm2_comb --port 8000   # the OpenAI-compatible server (comb_jax/serving)
 
@@ -41,25 +41,37 @@ DEMO_CHUNKS = [
     "The town library opens at nine in the morning and closes at six, except on Sundays when it is closed.",
     "Jonas bakes rye bread every Tuesday and sells it at the market square for three euros a loaf.",
     "The river Alder floods every spring, so the footbridge near the mill is closed from March to May.",
+    # invented facts (made-up names, years and codes): no model can answer these without reading its chunks
+    "The Dravenko Society was founded in 1743 by Tolvar Brimesthan. It met in a tavern by the harbour.",
+    "The archive lists Keluna Vosmirath under the registration code KT-482. Her letters fill three boxes.",
 ]
+# (chunk that holds the answer, question, the answer as the chunk states it)
 DEMO_QUESTIONS = [
-    (0, "Where does Mira keep her bicycle?"),
-    (1, "When does the library close?"),
-    (2, "How much does Jonas charge for a loaf of rye bread?"),
-    (3, "Why is the footbridge closed in spring?"),
+    (0, "Where does Mira keep her bicycle?", "blue shed"),
+    (1, "When does the library close?", "six"),
+    (2, "How much does Jonas charge for a loaf of rye bread?", "three euros"),
+    (3, "Why is the footbridge closed in spring?", "floods"),
+    (4, "In what year was the Dravenko Society founded?", "1743"),
+    (5, "What is the registration code of Keluna Vosmirath?", "KT-482"),
 ]
 
 
 def demo_requests(rounds: int = 3, seed: int = 0) -> list[dict]:
-    """Each round asks every question with all four chunks in a fresh order: later rounds are all hits."""
+    """Each round asks every question with all the chunks in a fresh order: later rounds are all hits."""
     rng = np.random.default_rng(seed)
     out = []
     for r in range(rounds):
-        for q, (_, question) in enumerate(DEMO_QUESTIONS):
+        for q, (_, question, _) in enumerate(DEMO_QUESTIONS):
             order = rng.permutation(len(DEMO_CHUNKS))
             out.append({"id": f"demo-{r}-{q}", "chunks": [DEMO_CHUNKS[i] for i in order], "question": question})
     out.append({"id": "demo-no-context", "chunks": [], "question": "What is the capital of France?"})
     return out
+
+
+def demo_expected(request_id: str) -> str | None:
+    """The answer a demo request's chunks state (None for the no-context request)."""
+    parts = request_id.split("-")
+    return DEMO_QUESTIONS[int(parts[2])][2] if len(parts) == 3 and parts[2].isdigit() else None
 
 
 REQUEST_FIELDS = ("id", "chunks", "question", "messages", "max_tokens", "temperature", "top_p")
@@ -339,7 +351,7 @@ def summarize(results: list[Result], total: int, elapsed: float, engine: Engine)
 
 def main(argv=None) -> int:
     ap = Parser(prog="serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="smollm2_comb")
+    ap.add_argument("--config", default="smollm2_pointer")
     ap.add_argument("--checkpoint", default=None,
                     help="train.py run dir or checkpoint dir (comb params), or a Comb directory in the Hugging Face "
                          "layout (export_comb's or the release's: its own model config and tokenizer)")
@@ -412,11 +424,21 @@ def main(argv=None) -> int:
         raise
 
     results = [rows[i] for i in range(len(parsed))]
-    if not args.input:  # the demo batch: show what was answered, and from where
+    if not args.input:  # the demo batch: show what was answered, from where, and whether it is the chunks' fact
+        from comb_jax.metrics import contains_answer
+
+        found = 0
         for r in results:
             where = f"{r['chunk_hits']} hit / {r['chunk_misses']} miss"
             ttft = f"{r['ttft_s']:.3f}s" if r["ttft_s"] is not None else "-"
-            print(f"{r['id']:16} {where:14} ttft {ttft:>7}  {r['error'] or r['answer']!r}", file=sys.stderr)
+            expected = demo_expected(r["id"])
+            read = expected is not None and not r["error"] and contains_answer(r["answer"], [expected])
+            found += read
+            mark = f"  <- {expected!r}, from its chunks" if read else ""
+            print(f"{r['id']:16} {where:14} ttft {ttft:>7}  {r['error'] or r['answer']!r}{mark}", file=sys.stderr)
+        asked = sum(demo_expected(r["id"]) is not None for r in results)
+        print(f"{found} of {asked} answers contain the fact their chunks state (the invented ones, demo-*-4 and "
+              "demo-*-5, are in no model's training data)", file=sys.stderr)
     summary = summarize(served, len(results), elapsed, engine)
     summary["compilations_while_serving"] = compile_count() - compiles  # TTFT of those batches includes them
     print(json.dumps({"summary": summary, "mode": args.mode, "config": cfg.name, "output": args.output}))

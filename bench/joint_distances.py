@@ -5,7 +5,9 @@ backbone KV and Comb's PICaches, and the fraction of pages a joint-encoding thre
 """
 import json
 import sys
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,7 +16,16 @@ from comb_jax.checkpoint import load_params
 from comb_jax.config import load_config
 from comb_jax.eval import DEFAULT_DATA_DIR, build_segments, load_examples
 from comb_jax.joint_pages import relative_distances
-from comb_jax.pic_modes import _pad, bucket, chunk_kv, encode_chunk
+from comb_jax.pic_modes import _pad, bucket, chunk_kv
+from comb_jax.pool import comb_chunks
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def encode_chunk(params, tokens, num_real, *, cfg):
+    """Comb's PICache of one chunk [1, L] -> k, v [E, L, K, D] (what the Comb pool stores)."""
+    k, v = comb_chunks(params, tokens, jnp.arange(tokens.shape[1])[None, :] < num_real, cfg=cfg)
+    return k[:, 0], v[:, 0]
+
 
 dataset, limit, pt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = load_config("smollm2_comb")

@@ -121,8 +121,12 @@ class TrainConfig:
     # towards the full-prompt backbone's at the same depth (a dense target for every cross block)
     hidden_weight: float = 0.0
     # what the loss trains: "answer" (cross-entropy on answer tokens, plus the kl/hidden terms) or "kv" (the encoder
-    # alone: its K/V regressed onto the frozen backbone's own pre-RoPE K/V of the same chunk at layer c_k)
+    # alone: its K/V regressed onto the frozen backbone's own pre-RoPE K/V of the same chunk at layer c_k), both on
+    # params["comb"]; or "kvpacket": no Comb at all, the KV Packet trailer adapter params["kvpacket"] (kvpacket.py),
+    # distilled from the full prompt (KL per answer token, plus kvpacket_ce_weight x cross-entropy)
     objective: str = "answer"
+    kvpacket_tokens: int = 8  # objective=kvpacket: soft tokens in each document's trailer (P)
+    kvpacket_ce_weight: float = 0.0
     init_checkpoint: str = ""  # start the comb params from this run / step dir ("shipped": this config's shipped)
     # tanh of the attention gates at init (0 = the release: closed gates, every cross weight without gradient)
     init_attn_gate: float = 0.0
@@ -336,7 +340,8 @@ RULES = {
     "train.batch_size": _at_least_1, "train.grad_accum_steps": _at_least_1, "train.steps": _at_least_1,
     "train.kl_weight": _non_negative, "train.hidden_weight": _non_negative,
     "train.init_attn_gate": (lambda v: 0 <= v < 1, "must be in [0, 1) (it is tanh of the gate)"),
-    "train.init_qk_norm": _positive, "train.objective": _one_of("answer", "kv"),
+    "train.init_qk_norm": _positive, "train.objective": _one_of("answer", "kv", "kvpacket"),
+    "train.kvpacket_tokens": _non_negative, "train.kvpacket_ce_weight": _non_negative,
     "train.num_distractors": _non_negative, "train.max_chunks": _at_least_1,
     "train.train_examples": _non_negative, "train.targets": _one_of("auto", "teacher", "gold"),
     "train.teacher_max_tokens": _at_least_1, "train.max_chunk_tokens": _at_least_1,

@@ -21,7 +21,7 @@ from comb_jax.serving.app import DEFAULT_STORE_DIR
 def main(argv=None) -> int:
     ap = Parser(prog="python -m comb_jax.encode_corpus", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="smollm2_comb")
+    ap.add_argument("--config", default="smollm2_pointer")
     ap.add_argument("--input", required=True, help="documents JSONL")
     ap.add_argument("--checkpoint", default=None, help="as for serve.py")
     ap.add_argument("--store-dir", default=str(DEFAULT_STORE_DIR), help="the PICache store directory")

@@ -293,6 +293,8 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
     for e in examples:
         seg = build_segments(codec, e.chunks, e.question, max_chunk_tokens)
         requests.append((e, {"original": seg, "shuffled": seg.reordered(shuffled_order(len(seg.chunks), rng))}))
+    # pools big enough for every chunk of the run: a pass's hits are not lost to eviction
+    runner.reserve([s for _, segs in requests for s in segs.values()])
     modes = sorted(modes, key=lambda m: m != "full")  # the full prompt first: it is every other mode's reference
     reference: dict = {}  # (example id, pass) -> (tokens, last hidden, context attention)
     itemsize = jnp.dtype(runner.dtype).itemsize
@@ -501,12 +503,12 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reading", action="store_true", help="skip the teacher-forced NLLs and gap closed")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--kvpacket", default=None, help="mode kvpacket: a `python -m comb_jax.kvpacket` run dir (or its "
-                    "adapter.safetensors); 'zero' or none: no trailer tokens (exactly naive reuse)")
+    ap.add_argument("--kvpacket", default=None, help="mode kvpacket: a `train.py --config smollm2_kvpacket` run dir "
+                    "(or its adapter.safetensors); 'zero' or none: no trailer tokens (exactly naive reuse)")
     ap.add_argument("--joint-threshold", type=_thresholds, default=-1.0, help="store chunk caches as joint-encoded "
                     "pages: a page within this relative distance of a stored page shares it (< 0: off; 0: exact "
                     "duplicates); one number for every mode or MODE=T,MODE=T")
-    ap.add_argument("--joint-page-tokens", type=int, default=16, help="page size of the joint-encoded chunk caches")
+    ap.add_argument("--joint-page-tokens", type=int, default=16, help="page size of the chunk-cache pools")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     return ap.parse_args(argv)
 

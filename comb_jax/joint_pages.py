@@ -13,8 +13,9 @@ filled; s must hold at least as many valid tokens) and every layer, head and cha
 threshold < 0 turns joint encoding off; 0 fuses exact duplicates only (e.g. the causal backbone KV of a common
 prefix page, or re-encodings of the same chunk); larger values trade accuracy for memory (the eval measures both).
 
-Two users: `PageSharing`, the device `pool.PagePool`'s store-time option (`serve.joint_page_threshold`), and
-`HostPageStore`, the host-side chunk caches of `pic_modes.PicRunner` (the eval's `--joint-threshold`).
+`PageSharing` is the store-time option of `pool.PagePool`, whatever its pages hold: the serving engine's Comb PICaches
+(`serve.joint_page_threshold`) and the chunk caches of every mode of `pic_modes.PicRunner` (backbone KV of naive /
+rerotate / epic, KV packets, Comb PICaches: the eval's `--joint-threshold`).
 """
 
 from __future__ import annotations
@@ -42,11 +43,6 @@ def relative_distances(new_k, new_v, pages_k, pages_v, valid: int):
     return xp.maximum(rel(new_k, pages_k), rel(new_v, pages_v))
 
 
-def token_sq_norms(page) -> np.ndarray:
-    """Squared norm of each token of a page [E, T, K, D] over layers, heads and channels -> [T] float64."""
-    return (np.asarray(page, np.float64) ** 2).sum(axis=(0, 2, 3))
-
-
 def closest_page(distances, eligible) -> tuple[int, float]:
     """(index, distance) of the closest eligible page; (-1, inf) when none is eligible."""
     distances = np.where(eligible, np.asarray(distances, np.float64), np.inf)
@@ -54,10 +50,6 @@ def closest_page(distances, eligible) -> tuple[int, float]:
         return -1, float("inf")
     i = int(np.argmin(distances))
     return i, float(distances[i])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Device pool (pool.PagePool)
 
 
 @partial(jax.jit, static_argnames=("valid",))
@@ -125,87 +117,3 @@ class PageSharing:
         """Logical pages of `entries` / distinct physical pages they use (1.0 without sharing)."""
         logical = [p for e in entries for p in e.pages]
         return len(logical) / max(1, len(set(logical)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Host chunk caches (pic_modes.PicRunner)
-
-
-class HostPageStore:
-    """Paged host store of chunk caches k, v [layers, L, K, D] with joint encoding (see the module docstring).
-
-    `put` splits a chunk into pages, fuses each with the closest stored page within the threshold, and returns the
-    k, v that later reads of the chunk get (fused pages replaced by their shared page). Pages are never freed here
-    (the runner's caches only grow until `reset`).
-    """
-
-    def __init__(self, page_tokens: int, threshold: float):
-        if page_tokens < 1:
-            raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
-        self.page_tokens, self.threshold = page_tokens, threshold
-        self.k: np.ndarray | None = None  # [layers, S, page_tokens, K, D] physical pages (the first `count` used)
-        self.v: np.ndarray | None = None
-        self.valid = np.zeros(0, np.int32)
-        # squared norms per token [S, page_tokens] of K and V: by the triangle inequality, a page whose norm over the
-        # new page's valid tokens differs by more than threshold * the new page's norm cannot be within threshold,
-        # so only the others get the full distance
-        self.k_sq = np.zeros((0, page_tokens), np.float64)
-        self.v_sq = np.zeros((0, page_tokens), np.float64)
-        self.count = 0
-        self.logical_pages = 0
-        self.logical_tokens = 0
-
-    def _append(self, k_page, v_page, valid: int) -> int:
-        if self.k is None or self.count == self.k.shape[1]:
-            grow = max(16, self.count)
-            shape = (k_page.shape[0], grow, *k_page.shape[1:])
-            self.k = np.concatenate([x for x in (self.k, np.zeros(shape, k_page.dtype)) if x is not None], 1)
-            self.v = np.concatenate([x for x in (self.v, np.zeros(shape, v_page.dtype)) if x is not None], 1)
-            self.valid = np.concatenate([self.valid, np.zeros(grow, np.int32)])
-            self.k_sq = np.concatenate([self.k_sq, np.zeros((grow, self.page_tokens))])
-            self.v_sq = np.concatenate([self.v_sq, np.zeros((grow, self.page_tokens))])
-        self.k[:, self.count], self.v[:, self.count], self.valid[self.count] = k_page, v_page, valid
-        self.k_sq[self.count] = token_sq_norms(k_page)
-        self.v_sq[self.count] = token_sq_norms(v_page)
-        self.count += 1
-        return self.count - 1
-
-    def put(self, k, v) -> tuple[np.ndarray, np.ndarray]:
-        length, pt = k.shape[1], self.page_tokens
-        pad = ((0, 0), (0, -length % pt), (0, 0), (0, 0))
-        k_pages, v_pages = np.pad(k, pad), np.pad(v, pad)
-        served_k, served_v = [], []
-        for start in range(0, length, pt):
-            valid = min(pt, length - start)
-            k_page, v_page = k_pages[:, start:start + pt], v_pages[:, start:start + pt]
-            target = -1
-            eligible = self.valid[: self.count] >= valid
-            for sq_store, page in ((self.k_sq, k_page), (self.v_sq, v_page)):
-                norm = np.sqrt(token_sq_norms(page)[:valid].sum())
-                stored = np.sqrt(sq_store[: self.count, :valid].sum(-1))
-                eligible &= np.abs(stored - norm) <= self.threshold * norm * (1 + 1e-6) + 1e-30
-            candidates = np.flatnonzero(eligible)
-            if len(candidates):
-                distances = relative_distances(k_page, v_page, self.k[:, candidates], self.v[:, candidates], valid)
-                best, distance = closest_page(distances, np.ones(len(candidates), bool))
-                if distance <= self.threshold:
-                    target = int(candidates[best])
-            if target < 0:
-                target = self._append(k_page, v_page, valid)
-            served_k.append(self.k[:, target, :valid])
-            served_v.append(self.v[:, target, :valid])
-            self.logical_pages += 1
-        self.logical_tokens += length
-        return np.concatenate(served_k, 1), np.concatenate(served_v, 1)
-
-    def compression(self) -> float:
-        """Logical pages stored / physical pages kept."""
-        return self.logical_pages / max(1, self.count)
-
-    def bytes_per_token(self) -> float:
-        """Bytes of the physical pages' valid tokens per logical token stored (the same measure as an unpaged
-        cache's bytes per token, so a store that fuses nothing reports exactly that)."""
-        if not self.count:
-            return 0.0
-        slot = (self.k[:, 0, 0].nbytes + self.v[:, 0, 0].nbytes)
-        return slot * int(self.valid[: self.count].sum()) / self.logical_tokens

@@ -22,29 +22,31 @@ The trailer sees the document and can learn to steer the question's attention (e
 sinks that every chunk's first token becomes when computed alone) without touching the document's slots.
 With P = 0 a packet is the document alone: KV Packet is then exactly "naive" reuse.
 
-Training (`kvpacket_loss`, `train_kvpacket`): self-supervised distillation against the full prompt. The teacher is
-the frozen backbone reading prefix + chunks + question inline; the student reads the same chunks as packets; the loss
-is KL(teacher || student) of the next-token distributions over the teacher-forced answer tokens (plus optional
-cross-entropy). Only the trailer is trainable; the backbone is a separate, frozen argument. The step reuses the
-Comb trainer's optimizer (`training.make_optimizer`), its data sources (`data.load_examples`), its prompt
-tokenisation (`eval.build_segments`, so training and eval see identical ids) and its checkpoint format.
+Training (`kvpacket_loss`): self-supervised distillation against the full prompt. The teacher is the frozen backbone
+reading prefix + chunks + question inline; the student reads the same chunks as packets; the loss is KL(teacher ||
+student) of the next-token distributions over the teacher-forced answer tokens (plus `train.kvpacket_ce_weight` x
+cross-entropy). Only the trailer is trainable; the backbone is a separate, frozen argument. It is trained by the
+Comb trainer itself (`training.train` with `train.objective=kvpacket`: `python train.py --config smollm2_kvpacket`):
+same optimizer, data sources, grain pipeline, sharded jit step, orbax checkpoints with exact resume, metrics.jsonl
+and eval; the batches are this module's `collate` of the eval's own prompt pieces (`eval.build_segments`, so
+training and eval see identical ids), and each checkpoint also writes `adapter.safetensors` for the eval and serving.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from comb_jax.config import ModelConfig
 from comb_jax.model import block, cast, forward, init_kv_cache, lm_logits, rms_norm, rope_tables
+from comb_jax.pool import backbone_chunks
 
 NUM_TRAILER_TOKENS = 8  # default P
 
@@ -194,47 +196,48 @@ def kvpacket_loss(adapter, backbone, batch, cfg, kl_weight: float = 1.0, ce_weig
 # Serving (the "kvpacket" mode of pic_modes.PicRunner)
 
 
-def packet_kv(runner, ids) -> tuple[np.ndarray, np.ndarray]:
-    """One document's packet: k, v [N, L + P, K, D] = its backbone KV alone (`pic_modes.chunk_kv`, as "naive"
-    stores it) followed by the trailer's KV."""
-    from comb_jax.pic_modes import _pad, bucket, chunk_kv
-
-    tokens, n = _pad(ids, bucket(len(ids))), jnp.int32(len(ids))
-    doc_k, doc_v = chunk_kv(runner.params, tokens, n, cfg=runner.cfg, dtype=runner.dtype)
-    doc_k, doc_v = np.asarray(doc_k[:, : len(ids)]), np.asarray(doc_v[:, : len(ids)])
-    if num_tokens(runner.params["kvpacket"]) == 0:
+def packet_chunks(params, tokens, mask, *, cfg: ModelConfig, dtype=jnp.float32):
+    """Chunk processor of the KV Packet pool (`pool.PagePool`, extra_tokens = P): packets of documents tokens, mask
+    [B, L] -> k, v [N, B, L + P, K, D], row b = its backbone KV alone (`pool.backbone_chunks`, as "naive" stores it)
+    for its L_b real tokens, then the trailer's KV (at positions L_b..L_b+P-1), then padding."""
+    doc_k, doc_v = backbone_chunks(params, tokens, mask, cfg=cfg, dtype=dtype)
+    p = num_tokens(params["kvpacket"])
+    if p == 0:
         return doc_k, doc_v
-    tk, tv = packet_trailer(runner.params, jnp.asarray(doc_k), jnp.asarray(doc_v), n, cfg=runner.cfg,
-                            dtype=runner.dtype)
-    return (np.concatenate([doc_k, np.asarray(tk, doc_k.dtype)], 1),
-            np.concatenate([doc_v, np.asarray(tv, doc_v.dtype)], 1))
+    lengths = mask.sum(-1).astype(jnp.int32)
+    tk, tv = trailer_kv(params["backbone"], params["kvpacket"], doc_k, doc_v, lengths, cfg, dtype)
+    # slot s of row b reads the document below L_b, else the trailer token s - L_b (clipped: padding past the packet)
+    length = tokens.shape[1]
+    slot = jnp.arange(length + p)[None, :]
+    index = jnp.minimum(jnp.where(slot < lengths[:, None], slot, length + slot - lengths[:, None]), length + p - 1)
+
+    def place(doc, trailer):
+        both = jnp.concatenate([doc, trailer.astype(doc.dtype)], axis=2)  # [N, B, L + P, K, D]
+        return jnp.take_along_axis(both, index[None, :, :, None, None], axis=2)
+
+    return place(doc_k, tk), place(doc_v, tv)
+
+
+def packet_kv(runner, ids) -> tuple[np.ndarray, np.ndarray]:
+    """One document's packet from `runner`'s KV Packet pool (stored there on a miss): k, v [N, L + P, K, D] = its
+    backbone KV alone followed by the trailer's KV."""
+    pool = runner._pool("kvpacket", "packet")
+    k, v, (n,), _ = runner.cached_context([(pool, tuple(ids), False)])
+    return np.asarray(k[:, :n]), np.asarray(v[:, :n])
 
 
 def answer_kvpacket(runner, seg):
     """Answer `seg` from packets: exact template-prefix KV, then each chunk's cached packet, no rotation; the
     question is prefilled behind the last packet slot. Returns a `pic_modes.Answer`."""
-    from comb_jax.pic_modes import assemble, bucket, chunk_kv
+    from comb_jax.pic_modes import assemble
 
     start = time.perf_counter()
-    keys, values, hits = [], [], 0
-    if seg.prefix:
-        k, v, _ = runner._chunk_entry(("kvpacket", "prefix", seg.prefix), seg.prefix, chunk_kv)
-        keys, values = [k], [v]
-    for ids in seg.chunks:
-        key = ("kvpacket", ids)
-        if key in runner.chunk_cache:
-            k, v = runner.chunk_cache[key]
-            hits += 1
-        else:
-            k, v = runner._store(key, *packet_kv(runner, ids))
-        keys.append(k)
-        values.append(v)
-    length = sum(k.shape[1] for k in keys)
-    width = bucket(length)
-    pad = ((0, 0), (0, width - length), (0, 0), (0, 0))
-    cache = assemble(jnp.asarray(np.pad(np.concatenate(keys, 1), pad)),
-                     jnp.asarray(np.pad(np.concatenate(values, 1), pad)), jnp.zeros((width,), jnp.int32),
-                     jnp.int32(length), cfg=runner.cfg,
+    # the template prefix has no trailer: it lives in a backbone-KV pool beside the packets
+    pieces = [(runner._pool("kvpacket", "backbone"), seg.prefix, False)] if seg.prefix else []
+    packets = runner._pool("kvpacket", "packet")
+    keys, values, lengths, hits = runner.cached_context(pieces + [(packets, ids, True) for ids in seg.chunks])
+    length = sum(lengths)
+    cache = assemble(keys, values, jnp.zeros((keys.shape[1],), jnp.int32), jnp.int32(length), cfg=runner.cfg,
                      slots=runner._slots(length + len(seg.suffix)))
     hidden, cache, logits = runner._prefill_rest(cache, seg.suffix)
     return runner._finish(start, cache, logits, hidden, None, hits, len(seg.chunks), True)
@@ -301,42 +304,9 @@ def train_iterator(examples, codec, tc, seed: int):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training
+# Training: `python train.py --config smollm2_kvpacket` (training.train with train.objective=kvpacket)
 
-
-@dataclass(frozen=True)
-class KVPacketTraining:
-    num_tokens: int = NUM_TRAILER_TOKENS
-    kl_weight: float = 1.0
-    ce_weight: float = 0.0
-    init_text: str = "\n\n"  # the trailer starts as the embeddings of this text's ids (cycled)
-
-
-def make_step(cfg, optimizer, kt: KVPacketTraining):
-    """jit(step)(adapter, opt_state, backbone, batch) -> (adapter, opt_state, metrics); the backbone is frozen."""
-    grad_fn = jax.value_and_grad(partial(kvpacket_loss, cfg=cfg, kl_weight=kt.kl_weight, ce_weight=kt.ce_weight),
-                                 has_aux=True)
-
-    def step(adapter, opt_state, backbone, batch):
-        (_, metrics), grads = grad_fn(adapter, jax.lax.stop_gradient(backbone), batch)
-        updates, opt_state = optimizer.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-def save_adapter(run_dir: Path, step: int, adapter, opt_state, data_state, cfg, kt: KVPacketTraining):
-    """An orbax checkpoint like the Comb trainer's (the adapter in the `comb` slot) plus adapter.safetensors."""
-    from comb_jax import checkpoint as ckpt
-
-    manager = ckpt.make_manager(ckpt.checkpoint_root(run_dir), cfg.train.keep_checkpoints)
-    ckpt.save(manager, step, adapter, opt_state, data_state, cfg)
-    manager.wait_until_finished()
-    manager.close()
-    write_adapter(run_dir, adapter, step)
-    (run_dir / "kvpacket.json").write_text(json.dumps({"step": step, **kt.__dict__}) + "\n")
-
-
+TRAILER_INIT_TEXT = "\n\n"  # the trailer starts as the embeddings of this text's ids (cycled to P)
 ADAPTER_FILE = "adapter.safetensors"
 
 
@@ -361,49 +331,14 @@ def load_adapter(path: str | Path) -> dict:
     return {"trailer": np.asarray(load_file(str(path))["trailer"], np.float32)}
 
 
-def train_kvpacket(cfg, kt: KVPacketTraining, backbone=None, examples=None, progress: bool = True) -> dict:
-    """Train the trailer for `cfg.train.steps` steps; metrics.jsonl, checkpoints, adapter.safetensors in run_dir."""
-    from tqdm import tqdm
-
-    from comb_jax import data as data_lib
-    from comb_jax.training import DEFAULT_DATA_DIR, make_optimizer
-    from comb_jax.weights import load_backbone
-
-    tc = cfg.train
-    run_dir = Path(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dtype = jnp.dtype(cfg.compute_dtype)
-    backbone_host = load_backbone(cfg) if backbone is None else backbone
-    backbone = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), dtype), backbone_host)
-    codec = data_lib.make_codec(cfg)
-    if examples is None:
-        data_dir = Path(tc.data_dir) if tc.data_dir else DEFAULT_DATA_DIR
-        examples = data_lib.load_examples(tc, data_dir, "train")
-    iterator = train_iterator(examples, codec, tc, tc.seed)
-    adapter = init_kvpacket(backbone_host, kt.num_tokens, codec.encode(kt.init_text))
-    adapter = jax.tree.map(jnp.asarray, adapter)
-    optimizer = make_optimizer(tc)
-    opt_state = optimizer.init(adapter)
-    step_fn = make_step(cfg, optimizer, kt)
-    trainable = int(sum(np.size(x) for x in jax.tree.leaves(adapter)))
-    losses, wall = [], time.perf_counter()
-    with (run_dir / "metrics.jsonl").open("a") as log:
-        for step in tqdm(range(1, tc.steps + 1), disable=not progress, desc="kvpacket"):
-            data_state = iterator.get_state()
-            batch = next(iterator)
-            t0 = time.perf_counter()
-            adapter, opt_state, metrics = step_fn(adapter, opt_state, backbone, batch)
-            metrics = jax.device_get(metrics)
-            record = {"step": step, **{k: float(metrics[k]) for k in ("loss", "ce", "kl", "grad_norm")},
-                      "seconds": time.perf_counter() - t0, "trainable_params": trainable}
-            losses.append(record["loss"])
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if step % tc.checkpoint_every == 0 and step < tc.steps:  # cheap: a run cut short keeps its adapter
-                write_adapter(run_dir, adapter, step)
-    save_adapter(run_dir, tc.steps, adapter, opt_state, data_state, cfg, kt)
-    return {"losses": losses, "wall_s": time.perf_counter() - wall, "trainable_params": trainable,
-            "adapter": adapter}
+def evaluate(adapter, backbone, examples, cfg) -> dict:
+    """Held-out metrics of a trailer during training (the trainer's `eval_every`), from `reading_nlls`:
+    eval_loss = KL(full prompt || packets) per answer token (the objective), eval_kl_naive the same for naive reuse,
+    eval_gap_closed / eval_gap_closed_naive and the NLLs behind them."""
+    r = reading_nlls(cfg, backbone, jax.device_get(adapter), examples)
+    return {"eval_loss": r["kl_kvpacket"], "eval_kl_naive": r["kl_naive"], "eval_gap_closed": r["gap_closed_kvpacket"],
+            "eval_gap_closed_naive": r["gap_closed_naive"],
+            **{f"eval_{k}": r[k] for k in ("nll_none", "nll_naive", "nll_kvpacket", "nll_full")}}
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -435,8 +370,8 @@ def reading_nlls(cfg, backbone, adapter, examples, batch_size: int = 4) -> dict:
 
     tc = cfg.train
     codec = data_lib.make_codec(cfg)
-    gold = [dataclasses_replace(e, answer=e.golds[0], chunks=e.chunks) for e in examples]
-    no_chunks = [dataclasses_replace(e, chunks=()) for e in gold]
+    gold = [dataclasses.replace(e, answer=e.golds[0], chunks=e.chunks) for e in examples]
+    no_chunks = [dataclasses.replace(e, chunks=()) for e in gold]
     zero = {"trailer": jnp.zeros((0, adapter["trailer"].shape[1]), jnp.float32)}
     sums = {"none": [], "naive": [], "kvpacket": [], "full": [], "kl_naive": [], "kl_kvpacket": []}
     for start in range(0, len(gold), batch_size):
@@ -460,54 +395,38 @@ def reading_nlls(cfg, backbone, adapter, examples, batch_size: int = 4) -> dict:
     return dict(out, requests=len(gold))
 
 
-def dataclasses_replace(example, **changes):
-    import dataclasses
-
-    return dataclasses.replace(example, **changes)
 
 
 def main(argv=None):
+    """`python -m comb_jax.kvpacket --config C --reading DATASET --adapter RUN`: the teacher-forced reading NLLs of a
+    trained trailer (training is `python train.py --config smollm2_kvpacket`)."""
     import argparse
 
     from comb_jax.config import load_config
+    from comb_jax.eval import DEFAULT_DATA_DIR as EVAL_DATA_DIR
+    from comb_jax.eval import load_examples
+    from comb_jax.weights import load_backbone
 
-    ap = argparse.ArgumentParser(prog="python -m comb_jax.kvpacket", description="Train a KV Packet trailer adapter")
+    ap = argparse.ArgumentParser(prog="python -m comb_jax.kvpacket",
+                                 description="Reading NLLs of a KV Packet adapter (train one with train.py)")
     ap.add_argument("--config", required=True)
-    ap.add_argument("--tokens", type=int, default=NUM_TRAILER_TOKENS, help="trailer soft tokens per document (P)")
-    ap.add_argument("--kl-weight", type=float, default=1.0)
-    ap.add_argument("--ce-weight", type=float, default=0.0)
-    ap.add_argument("overrides", nargs="*", help="config key=value overrides (train.steps=..., train.run_dir=...)")
-    ap.add_argument("--reading", default=None, help="instead of training: the teacher-forced reading NLLs of "
-                    "--adapter on this eval dataset (squad_multidoc | jsonl:PATH), the eval's requests")
-    ap.add_argument("--adapter", default=None, help="--reading: a kvpacket run dir or adapter.safetensors")
-    ap.add_argument("--limit", type=int, default=24, help="--reading: requests (the eval's seeded sample)")
-    ap.add_argument("--out", default=None, help="--reading: write the result JSON here")
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides")
+    ap.add_argument("--reading", required=True, help="eval dataset (squad_multidoc | jsonl:PATH), the eval's requests")
+    ap.add_argument("--adapter", required=True, help="a kvpacket run dir or its adapter.safetensors")
+    ap.add_argument("--limit", type=int, default=24, help="requests (the eval's seeded sample)")
+    ap.add_argument("--out", default=None, help="write the result JSON here")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if args.reading:
-        from comb_jax.eval import DEFAULT_DATA_DIR as EVAL_DATA_DIR
-        from comb_jax.eval import load_examples
-        from comb_jax.weights import load_backbone
-
-        examples, _ = load_examples(args.reading, EVAL_DATA_DIR, limit=args.limit, seed=0, num_distractors=2,
-                                    max_chunk_chars=cfg.serve.max_chunk_tokens * 4, include_unanswerable=False)
-        dtype = jnp.dtype(cfg.compute_dtype)
-        backbone = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), dtype), load_backbone(cfg))
-        result = {"dataset": args.reading, "adapter": args.adapter,
-                  **reading_nlls(cfg, backbone, load_adapter(args.adapter), examples)}
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result))
-        return
-    kt = KVPacketTraining(num_tokens=args.tokens, kl_weight=args.kl_weight, ce_weight=args.ce_weight)
-    out = train_kvpacket(cfg, kt)
-    summary = {"steps": len(out["losses"]), "wall_s": round(out["wall_s"], 1),
-               "trainable_params": out["trainable_params"], "loss_first": out["losses"][0],
-               "loss_last": out["losses"][-1]}
-    (Path(cfg.train.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    examples, _ = load_examples(args.reading, EVAL_DATA_DIR, limit=args.limit, seed=0, num_distractors=2,
+                                max_chunk_chars=cfg.serve.max_chunk_tokens * 4, include_unanswerable=False)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    backbone = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), dtype), load_backbone(cfg))
+    result = {"dataset": args.reading, "adapter": args.adapter,
+              **reading_nlls(cfg, backbone, load_adapter(args.adapter), examples)}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
     main()
-

@@ -22,13 +22,15 @@ the decoder's KV cache, slot for slot, and differ only in how the context slots 
 - "kvpacket": KV Packet (comb_jax/kvpacket.py): "naive"'s per-chunk backbone KV, each followed by the KV of a few
   trained soft tokens (computed once per chunk, cached with it), with no rotation or recomputation.
 
-`joint_threshold` >= 0 (a float, or {mode: threshold}) stores every chunk cache as pages through
-`joint_pages.HostPageStore`: pages close to a stored page (relative distance <= threshold) are served from that shared
-page (joint encoding of KV blocks).
+The chunk caches of naive / rerotate / epic / kvpacket / comb (and the template-prefix entries the chunk-reuse modes
+keep) live in device page pools (`pool.PagePool`, one per mode and kind of page: backbone KV, KV packets, Comb
+PICaches), gathered into a dense context per request. `joint_threshold` >= 0 (a float, or {mode: threshold}) turns on
+the pools' joint encoding (`joint_pages.PageSharing`): pages close to a stored page (relative distance <= threshold)
+are served from that shared page.
 
 Every mode returns an `Answer`: greedy tokens, time to first token, how many chunks were served from cache.
-The compute is a handful of jit-compiled pure functions over `model.forward` / `model.encode`; the caches are
-plain host-side dicts in `PicRunner`. Variable lengths are padded to power-of-two buckets (right padding is
+The compute is a handful of jit-compiled pure functions over `model.forward` / `model.encode`; the exact prefix
+cache is a host-side dict in `PicRunner`. Variable lengths are padded to power-of-two buckets (right padding is
 harmless to `forward`, see its docstring) so that few shapes compile.
 """
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -44,10 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax import quant
-from comb_jax.config import ModelConfig
+from comb_jax.config import MeshConfig, ModelConfig, ServeConfig
 from comb_jax.decode import DecodeState, decode_loop
-from comb_jax.model import KVCache, PICache, apply_rope, encode, forward, init_kv_cache, lm_logits, rope_tables
+from comb_jax.model import KVCache, PICache, apply_rope, forward, init_kv_cache, lm_logits, rope_tables
+from comb_jax.pool import PagePool, backbone_chunks, comb_chunks, gather_tokens
+from comb_jax.sharding import make_mesh
 
 MODES = ("full", "prefix", "naive", "rerotate", "epic", "comb", "kvpacket")
 # the context sits in the decoder's KV cache slot for slot ("kvpacket" adds trailer slots, so it is not one of them)
@@ -134,19 +138,10 @@ def comb_prefill(params, picache: PICache, tokens, num_real, *, cfg: ModelConfig
 
 @partial(jax.jit, static_argnames=("cfg", "dtype"))
 def chunk_kv(params, tokens, num_real, *, cfg: ModelConfig, dtype=jnp.float32):
-    """The decoder's own KV of tokens [1, L] computed alone at positions 0..L-1 -> k, v [N, L, K, D]."""
-    cache = init_kv_cache(cfg, 1, tokens.shape[1], dtype)
-    _, cache = forward(params, tokens, cfg, None, cache, jnp.reshape(num_real, (1,)), dtype)
-    return cache.k[:, 0], cache.v[:, 0]
-
-
-@partial(jax.jit, static_argnames=("cfg", "dtype", "pic_dtype"))
-def encode_chunk(params, tokens, num_real, *, cfg: ModelConfig, dtype=jnp.float32, pic_dtype: str = "auto"):
-    """Comb encoder on one chunk [1, L] -> k, v [E, L, K, D] (padding past num_real is masked), read back as a
-    pool storing `pic_dtype` would give them (`quant.round_trip`)."""
-    mask = jnp.arange(tokens.shape[1])[None, :] < num_real
-    picache = encode(params, tokens, mask, cfg, dtype)
-    return quant.round_trip(picache.k[:, 0], pic_dtype), quant.round_trip(picache.v[:, 0], pic_dtype)
+    """The decoder's own KV of tokens [1, L] computed alone at positions 0..L-1 -> k, v [N, L, K, D] (what a
+    backbone-KV pool stores: `pool.backbone_chunks`)."""
+    k, v = backbone_chunks(params, tokens, jnp.arange(tokens.shape[1])[None, :] < num_real, cfg=cfg, dtype=dtype)
+    return k[:, 0], v[:, 0]
 
 
 @partial(jax.jit, static_argnames=("cfg", "slots"))
@@ -197,12 +192,15 @@ class PicRunner:
 
     params: {"backbone", "comb"}; stop_ids end generation; epic_k: tokens recomputed at the start of each chunk
     in "epic"; prefix_entries: capacity of the exact prefix cache (LRU, in requests); pic_dtype: how "comb"'s chunk
-    caches are stored (`serve.pic_dtype`, e.g. int8).
+    caches are stored (`serve.pic_dtype`, e.g. int8; the backbone KV pools store the compute dtype);
+    joint_threshold: joint encoding of the chunk-cache pools (< 0 off; one for every mode or {mode: threshold});
+    joint_page_tokens: their page size; pool_tokens: tokens each pool holds (`reserve` raises it for a request set;
+    a full pool evicts its least recently used chunks).
     """
 
     def __init__(self, params, cfg: ModelConfig, *, stop_ids=(), max_new_tokens: int = 32, epic_k: int = 16,
                  dtype=jnp.float32, prefix_entries: int = 16, pic_dtype: str = "auto", joint_threshold: float = -1.0,
-                 joint_page_tokens: int = 16):
+                 joint_page_tokens: int = 16, pool_tokens: int = 8192):
         if epic_k < 1:
             raise ValueError(f"epic_k must be >= 1, got {epic_k}")
         if max_new_tokens < 1:
@@ -211,32 +209,85 @@ class PicRunner:
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.max_new_tokens, self.epic_k, self.prefix_entries = max_new_tokens, epic_k, prefix_entries
         self.joint_threshold, self.joint_page_tokens = joint_threshold, joint_page_tokens
+        self.pool_tokens = pool_tokens
+        self.mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
         self.reset()
 
     def reset(self):
         # prefix mode: token-id prefix at a chunk boundary -> (k, v [N, P_entry, K, D] numpy, entry id)
         self.prefix_cache: collections.OrderedDict = collections.OrderedDict()
-        # naive / rerotate / epic: (mode, ids) -> (k, v [N, L, K, D]); comb: ids -> (k, v [E, L, K, D])
-        self.chunk_cache: dict = {}
-        self.joint_stores: dict = {}  # mode -> joint_pages.HostPageStore (joint_threshold >= 0)
+        # chunk caches: (mode, kind) -> PagePool, made on first use (dropped here, so their device memory goes)
+        self.pools: dict[tuple[str, str], PagePool] = {}
+
+    def _threshold(self, mode: str) -> float:
+        t = self.joint_threshold  # one for every mode, or {mode: threshold}
+        return t.get(mode, -1.0) if isinstance(t, dict) else t
+
+    def _pool(self, mode: str, kind: str) -> PagePool:
+        """The pool of `mode`'s `kind` of pages: "backbone" (the decoder's own KV of a chunk alone: naive, rerotate,
+        epic, and kvpacket's template prefix), "packet" (that + the KV Packet trailer) or "comb" (PICaches)."""
+        if (mode, kind) not in self.pools:
+            pt, layers, extra, pic_dtype = self.joint_page_tokens, self.cfg.num_layers, 0, "auto"
+            if kind == "comb":
+                processor, layers, pic_dtype = comb_chunks, self.cfg.num_cross_layers, self.pic_dtype
+            elif kind == "packet":
+                from comb_jax.kvpacket import num_tokens, packet_chunks
+
+                processor, extra = packet_chunks, num_tokens(self.params["kvpacket"])
+            else:
+                processor = backbone_chunks
+            # chunks up to max_position tokens, padded to page multiples of powers of two (pt = 16: `bucket`'s)
+            buckets = tuple(pt << i for i in range(max(0, math.ceil(math.log2(self.cfg.max_position / pt))) + 1))
+            serve = ServeConfig(page_tokens=pt, pool_tokens=max(self.pool_tokens, pt), pool_fraction=0.0,
+                                max_chunk_tokens=buckets[-1], chunk_buckets=buckets, pic_dtype=pic_dtype,
+                                joint_page_threshold=self._threshold(mode))
+            self.pools[mode, kind] = PagePool(self.cfg, serve, f"pic_modes/{mode}/{kind}", self.mesh, self.dtype,
+                                              layers=layers, processor=processor, extra_tokens=extra)
+        return self.pools[mode, kind]
+
+    def reserve(self, segments):
+        """Size the pools made from now on (`reset` drops the current ones) to hold every chunk and template prefix
+        of `segments` at once, so that a run over them never evicts."""
+        pt = self.joint_page_tokens
+        extra = int(self.params["kvpacket"]["trailer"].shape[0]) if "kvpacket" in self.params else 0
+        pieces = {c for s in segments for c in s.chunks + s.comb_chunks} | {s.prefix for s in segments}
+        need = sum(pt * math.ceil((len(c) + extra) / pt) for c in pieces if c)
+        self.pool_tokens = max(self.pool_tokens, need)
+
+    def _pools_of(self, mode: str) -> list[PagePool]:
+        return [pool for (m, _), pool in self.pools.items() if m == mode]
 
     def cache_bytes_per_token(self, mode: str) -> float:
-        """Bytes this mode keeps per cached context token, measured on what its caches hold now (0 if empty)."""
+        """Bytes this mode keeps per cached context token, measured on what its caches hold now (0 if empty).
+
+        For the pools: the bytes of the physical pages' valid tokens over the logical tokens they serve (the
+        template prefix and KV Packet trailers included), so a pool that fuses no page reports its per-token bytes.
+        """
         if mode == "prefix":
             entries = {entry_id: (k, v) for k, v, entry_id in self.prefix_cache.values()}.values()
-        elif mode in ("naive", "rerotate", "epic", "comb", "kvpacket"):
-            entries = [kv for key, kv in self.chunk_cache.items() if key[0] == mode]  # template prefix included
-        else:
-            return 0.0
-        if mode in self.joint_stores:  # physical (shared) pages over the logical tokens they serve
-            return self.joint_stores[mode].bytes_per_token()
-        tokens = sum(k.shape[1] for k, _ in entries)
-        return sum(k.nbytes + v.nbytes for k, v in entries) / tokens if tokens else 0.0
+            tokens = sum(k.shape[1] for k, _ in entries)
+            return sum(k.nbytes + v.nbytes for k, v in entries) / tokens if tokens else 0.0
+        stored, logical = 0, 0
+        for pool in self._pools_of(mode):
+            entries = [e for bucket in pool.entries.values() for e in bucket if e.written]
+            slot_bytes = sum(a.nbytes for a in jax.tree.leaves((pool.k, pool.v))) / (pool.num_pages
+                                                                                   * pool.serve.page_tokens)
+            physical = {p for e in entries for p in e.pages}
+            stored += slot_bytes * int(sum(pool.sharing.valid[p] for p in physical))
+            logical += sum(pool.stored_tokens(e) for e in entries)
+        return stored / logical if logical else 0.0
 
     def page_compression(self, mode: str) -> float | None:
         """Logical over physical pages of `mode`'s chunk caches under joint encoding; None when it is off."""
-        store = self.joint_stores.get(mode)
-        return None if store is None else store.compression()
+        pools = self._pools_of(mode)
+        if self._threshold(mode) < 0 or not pools:
+            return None
+        logical, physical = 0, 0
+        for pool in pools:
+            entries = [e for bucket in pool.entries.values() for e in bucket]
+            logical += sum(len(e.pages) for e in entries)
+            physical += len({p for e in entries for p in e.pages})
+        return logical / max(1, physical)
 
     def answer(self, mode: str, seg: Segments) -> Answer:
         if mode not in MODES:
@@ -278,26 +329,39 @@ class PicRunner:
             out = out[:-1]
         return Answer(out, ttft, total, hits, num_chunks, prefill_cache, last_hidden)
 
-    def _chunk_entry(self, key, ids, compute):
-        """(k, v, hit) for a cached chunk; computes and stores it on a miss. Equality is on the ids themselves."""
-        if key in self.chunk_cache:
-            k, v = self.chunk_cache[key]
-            return k, v, True
-        k, v = compute(self.params, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)), cfg=self.cfg, dtype=self.dtype)
-        k, v = self._store(key, np.asarray(k[:, : len(ids)]), np.asarray(v[:, : len(ids)]))
-        return k, v, False
+    def cached_context(self, pieces) -> tuple[jax.Array, jax.Array, list[int], int]:
+        """Dense context from the pools. pieces: [(pool, ids, counted)] in context order; chunks missing from their
+        pool are computed by its processor and stored (equality is on the ids themselves).
 
-    def _store(self, key, k, v):
-        """Keep a chunk cache k, v [layers, L, K, D]; returns what later hits will read (joint pages may fuse it)."""
-        threshold = (self.joint_threshold.get(key[0], -1.0) if isinstance(self.joint_threshold, dict)
-                     else self.joint_threshold)  # one for every mode, or {mode: threshold}
-        if threshold >= 0:
-            from comb_jax.joint_pages import HostPageStore
-
-            store = self.joint_stores.setdefault(key[0], HostPageStore(self.joint_page_tokens, threshold))
-            k, v = store.put(k, v)
-        self.chunk_cache[key] = (k, v)
-        return k, v
+        Returns k, v [layers, W, K, D] (each piece's stored tokens back to back, zeros from their total to
+        W = bucket(total)), the stored tokens of each piece, and how many `counted` pieces were hits. A request's
+        entries are in use (not evictable) until its context is gathered.
+        """
+        entries, hits = [], 0
+        try:
+            for pool, ids, counted in pieces:
+                entry, hit = pool.acquire(ids, count=False)
+                entries.append((pool, entry))
+                hits += hit and counted
+            for pool in {id(p): p for p, _ in entries}.values():
+                misses = {id(e): e for p, e in entries if p is pool and not e.written}  # a chunk twice: once
+                pool.write(self.params, list(misses.values()), batch=1)
+            lengths = [pool.stored_tokens(e) for pool, e in entries]
+            width = bucket(sum(lengths))
+            k = v = None
+            for pool in {id(p): p for p, _ in entries}.values():  # each pool fills its pieces' slots, zeros elsewhere
+                slots, valid, at = np.zeros((1, width), np.int32), np.zeros((1, width), bool), 0
+                for (p, e), n in zip(entries, lengths):
+                    if p is pool:
+                        slots[0, at:at + n], valid[0, at:at + n] = pool.token_slots(e), True
+                    at += n
+                pk, pv = gather_tokens(pool.k, pool.v, slots, valid, dtype=self.dtype)
+                k, v = (pk, pv) if k is None else (k + pk, v + pv)
+        finally:
+            for pool, e in entries:
+                pool.release(e)
+                pool.drop_unwritten(e)  # a failed request leaves no reserved pages behind
+        return k[:, 0], v[:, 0], lengths, hits
 
     # -- modes -------------------------------------------------------------------------------------------
 
@@ -338,24 +402,18 @@ class PicRunner:
     def _chunk_reuse(self, seg: Segments, mode: str) -> Answer:
         """naive / rerotate / epic: per-chunk decoder KV computed alone, placed behind the template prefix."""
         start = time.perf_counter()
-        keys, values, shift, hits = [], [], [], 0
-        if seg.prefix:  # the template prefix always sits at position 0: its cached KV is exact
-            prefix_k, prefix_v, _ = self._chunk_entry((mode, "prefix", seg.prefix), seg.prefix, chunk_kv)
-            keys, values, shift = [prefix_k], [prefix_v], [np.zeros(len(seg.prefix), np.int32)]
+        pool = self._pool(mode, "backbone")
+        # the template prefix always sits at position 0: its cached KV is exact
+        pieces = [(pool, seg.prefix, False)] if seg.prefix else []
+        keys, values, _, hits = self.cached_context(pieces + [(pool, ids, True) for ids in seg.chunks])
         offsets = seg.chunk_offsets()
-        for ids, offset in zip(seg.chunks, offsets):
-            k, v, hit = self._chunk_entry((mode, ids), ids, chunk_kv)
-            hits += hit
-            keys.append(k)
-            values.append(v)
-            shift.append(np.full(len(ids), 0 if mode == "naive" else offset, np.int32))
+        shift = np.zeros(keys.shape[1], np.int32)
+        if mode != "naive":
+            for ids, offset in zip(seg.chunks, offsets):
+                shift[offset:offset + len(ids)] = offset
         length = len(seg.context)
-        width = bucket(length)
-        pad = ((0, 0), (0, width - length), (0, 0), (0, 0))
-        cache = assemble(jnp.asarray(np.pad(np.concatenate(keys, 1), pad)),
-                         jnp.asarray(np.pad(np.concatenate(values, 1), pad)),
-                         jnp.asarray(np.pad(np.concatenate(shift), (0, width - length))), jnp.int32(length),
-                         cfg=self.cfg, slots=self._slots(len(seg.full)))
+        cache = assemble(keys, values, jnp.asarray(shift), jnp.int32(length), cfg=self.cfg,
+                         slots=self._slots(len(seg.full)))
         if mode == "epic":  # recompute each chunk's first tokens in place, in order, seeing all before them
             for ids, offset in zip(seg.chunks, offsets):
                 head = ids[: self.epic_k]  # exact length: padding would overwrite the chunk's later slots
@@ -382,21 +440,13 @@ class PicRunner:
 
     def _comb(self, seg: Segments) -> Answer:
         start = time.perf_counter()
-        keys, values, hits = [], [], 0
-        chunks = seg.comb_chunks or seg.chunks
-        for ids in chunks:
-            k, v, hit = self._chunk_entry(("comb", ids), ids, partial(encode_chunk, pic_dtype=self.pic_dtype))
-            hits += hit
-            keys.append(k)
-            values.append(v)
-        length = sum(len(c) for c in chunks)
+        chunks, hits = seg.comb_chunks or seg.chunks, 0
         picache = None  # no chunks: the plain backbone
-        if length:
-            width = bucket(length)
-            pad = ((0, 0), (0, width - length), (0, 0), (0, 0))
-            picache = PICache(jnp.asarray(np.pad(np.concatenate(keys, 1), pad))[:, None],
-                              jnp.asarray(np.pad(np.concatenate(values, 1), pad))[:, None],
-                              jnp.asarray(np.arange(width) < length)[None])
+        if chunks:
+            pool = self._pool("comb", "comb")
+            keys, values, lengths, hits = self.cached_context([(pool, ids, True) for ids in chunks])
+            mask = jnp.asarray(np.arange(keys.shape[1]) < sum(lengths))[None]
+            picache = PICache(keys[:, None], values[:, None], mask)
         prompt = seg.comb_prompt
         hidden, cache, logits = comb_prefill(self.params, picache, _pad(prompt, bucket(len(prompt))),
                                              jnp.int32(len(prompt)), cfg=self.cfg, slots=self._slots(len(prompt)),

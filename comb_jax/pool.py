@@ -1,19 +1,28 @@
-"""The PICache pool: preallocated K/V pages on device, a host-side chunk index, and the chunk processor.
+"""The chunk-cache page pool: preallocated K/V pages on device, a host-side chunk index, and the chunk processor.
 
-Storage: k, v `[cross_layers, pages, page_tokens, kv_heads, head_dim]`, sharded over kv_heads on the mesh's
-tensor axis, in `serve.pic_dtype` (int8: `quant.Int8Pages`, int8 values plus a float16 scale per token and head).
-A chunk of L tokens owns ceil(L / page_tokens) pages (its last page is partly filled).
+Storage: k, v `[layers, pages, page_tokens, kv_heads, head_dim]`, sharded over kv_heads on the mesh's tensor axis,
+in `serve.pic_dtype` (int8: `quant.Int8Pages`, int8 values plus a float16 scale per token and head). A chunk of L
+tokens stores L + extra_tokens tokens and owns ceil((L + extra_tokens) / page_tokens) pages (its last page is
+partly filled).
+
+What a page holds is the pool's chunk processor's output (`processor(params, tokens, mask, *, cfg, dtype) -> k, v
+[layers, B, L + extra_tokens, K, D]`, row b's stored tokens first): by default Comb PICaches (`comb_chunks`, E cross
+layers, extra 0; the serving engine's pool); `backbone_chunks` stores the backbone's own KV of each chunk alone
+(N layers: the naive / rerotate / epic chunk caches of `pic_modes.PicRunner`), `kvpacket.packet_chunks` that KV
+followed by the KV Packet trailer (extra_tokens = P).
 
 Index: key = sha256(fingerprint of encoder weights + tokenizer, token ids); a hit also compares the ids
 themselves, so a hash collision can never serve the wrong chunk. Entries carry a reference count (requests
 using them), a pin flag, and sit in an LRU order; only idle (refcount 0), unpinned entries are evicted.
 
-Chunk processor: `write_chunks` encodes a batch of chunks of one bucketed length with `model.encode` and
-scatters their K/V into their pages in place (the pool buffers are donated), one compile per bucket.
+`write_chunks` runs the processor on a batch of chunks of one bucketed length and scatters their K/V into their pages
+in place (the pool buffers are donated), one compile per bucket (and processor). `gather_tokens` / `gather_context`
+read pages back as dense arrays.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections import OrderedDict
@@ -27,7 +36,7 @@ import numpy as np
 from comb_jax import quant
 from comb_jax.config import ModelConfig, ServeConfig
 from comb_jax.joint_pages import PageSharing
-from comb_jax.model import encode
+from comb_jax.model import encode, forward, init_kv_cache
 from comb_jax.sharding import logical_sharding
 
 POOL_AXES = ("layers", "pages", "page_tokens", "kv_heads", "head_dim")
@@ -95,10 +104,29 @@ def pool_pages(serve: ServeConfig, cfg: ModelConfig, dtype, bytes_limit: int | N
     return max(1, serve.pool_tokens // serve.page_tokens)
 
 
-class PagePool:
-    """Device page buffers + host index. Not thread-safe (one engine drives it)."""
+def comb_chunks(params, tokens, mask, *, cfg: ModelConfig, dtype=jnp.float32):
+    """Chunk processor of the Comb pool: the encoder on tokens, mask [B, L] -> PICache k, v [E, B, L, K, D]."""
+    cache = encode(params, tokens, mask, cfg, dtype)
+    return cache.k, cache.v
 
-    def __init__(self, cfg: ModelConfig, serve: ServeConfig, fingerprint_str: str, mesh, dtype=jnp.float32):
+
+def backbone_chunks(params, tokens, mask, *, cfg: ModelConfig, dtype=jnp.float32):
+    """Chunk processor of a backbone-KV pool: the decoder's own KV of each row of tokens [B, L] computed alone at
+    positions 0..L-1 (mask [B, L]: its real tokens, a prefix of the row) -> k, v [N, B, L, K, D]."""
+    cache = init_kv_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
+    _, cache = forward(params, tokens, cfg, None, cache, mask.sum(-1).astype(jnp.int32), dtype)
+    return cache.k, cache.v
+
+
+class PagePool:
+    """Device page buffers + host index. Not thread-safe (one engine drives it).
+
+    layers / processor / extra_tokens: what a page holds (module docstring); the default is the Comb PICache pool.
+    `serve.pool_fraction` sizes Comb pools only (its bytes per page are the cross layers').
+    """
+
+    def __init__(self, cfg: ModelConfig, serve: ServeConfig, fingerprint_str: str, mesh, dtype=jnp.float32, *,
+                 layers: int | None = None, processor=comb_chunks, extra_tokens: int = 0):
         for b in serve.chunk_buckets:
             if b % serve.page_tokens:
                 raise ValueError(f"chunk bucket {b} is not a multiple of page_tokens={serve.page_tokens}")
@@ -106,13 +134,14 @@ class PagePool:
             raise ValueError(f"max_chunk_tokens={serve.max_chunk_tokens} exceeds the largest chunk bucket "
                              f"{max(serve.chunk_buckets)}")
         self.cfg, self.serve, self.fingerprint, self.dtype = cfg, serve, fingerprint_str, dtype
+        self.processor, self.extra_tokens = processor, extra_tokens
         self.num_pages = pool_pages(serve, cfg, dtype)
-        shape = (cfg.num_cross_layers, self.num_pages, serve.page_tokens, cfg.num_kv_heads, cfg.head_dim)
+        layers = cfg.num_cross_layers if layers is None else layers
+        shape = (layers, self.num_pages, serve.page_tokens, cfg.num_kv_heads, cfg.head_dim)
         self.sharding = logical_sharding(shape, POOL_AXES, mesh)
-        empty = quant.zeros(shape, serve.pic_dtype, dtype)
-        if isinstance(empty, quant.Int8Pages):
+        if serve.pic_dtype == "int8":
             self.sharding = quant.Int8Pages(self.sharding, logical_sharding(shape[:-1], POOL_AXES[:-1], mesh))
-        zeros = jax.jit(lambda: quant.zeros(shape, serve.pic_dtype, dtype), out_shardings=self.sharding)
+        zeros = _zeros_fn(shape, serve.pic_dtype, jnp.dtype(dtype), self.sharding)
         self.k, self.v = zeros(), zeros()  # arrays, or quant.Int8Pages for pic_dtype int8
         self.free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low ids first
         # page refcounts; with serve.joint_page_threshold >= 0 close pages are shared (entry.pages: physical ids)
@@ -134,7 +163,17 @@ class PagePool:
         return None
 
     def pages_for(self, length: int) -> int:
-        return math.ceil(length / self.serve.page_tokens)
+        """Pages a chunk of `length` tokens owns."""
+        return math.ceil((length + self.extra_tokens) / self.serve.page_tokens)
+
+    def stored_tokens(self, entry: Entry) -> int:
+        """Tokens the pool holds for `entry`: its chunk's, then `extra_tokens` (e.g. a KV Packet trailer)."""
+        return entry.length + self.extra_tokens
+
+    def token_slots(self, entry: Entry) -> np.ndarray:
+        """Flat pool slots (page * page_tokens + offset) of `entry`'s stored tokens, in order [stored_tokens]."""
+        pt, token = self.serve.page_tokens, np.arange(self.stored_tokens(entry))
+        return np.asarray(entry.pages, np.int64)[token // pt] * pt + token % pt
 
     @property
     def used_pages(self) -> int:
@@ -191,7 +230,7 @@ class PagePool:
             raise PoolFullError(f"pool full: chunk needs {need} pages, {len(self.free)} free of {self.num_pages} "
                                 f"after evicting every idle entry ({in_use} entries in use or pinned)")
         entry = Entry(ids, [self.free.pop() for _ in range(need)], refcount=1)
-        self.sharing.allocate(entry.pages, len(ids))
+        self.sharing.allocate(entry.pages, self.stored_tokens(entry))
         self.entries.setdefault(key, []).append(entry)
         self._touch(key)
         self.stats.misses += count
@@ -226,23 +265,24 @@ class PagePool:
     # -- device side --------------------------------------------------------------------------------------
 
     def write(self, params, entries: list[Entry], batch: int):
-        """Encode `entries` (misses) and write their pages, `batch` chunks per call, grouped by length bucket."""
+        """Run the chunk processor on `entries` (misses) and write their pages, `batch` chunks per call, grouped by
+        length bucket."""
         by_bucket: dict[int, list[Entry]] = {}
         for e in entries:
             by_bucket.setdefault(bucket_for(e.length, self.serve.chunk_buckets), []).append(e)
-        pt = self.serve.page_tokens
         for length, group in sorted(by_bucket.items()):
             for start in range(0, len(group), batch):
                 part = group[start:start + batch]
                 tokens = np.zeros((batch, length), np.int32)
                 mask = np.zeros((batch, length), bool)
-                page_ids = np.full((batch, length // pt), self.num_pages, np.int32)  # out of range -> dropped
+                # out of range -> dropped
+                page_ids = np.full((batch, self.pages_for(length)), self.num_pages, np.int32)
                 for row, e in enumerate(part):
                     tokens[row, :e.length] = e.ids
                     mask[row, :e.length] = True
                     page_ids[row, :len(e.pages)] = e.pages
                 self.k, self.v = write_chunks(params, self.k, self.v, tokens, mask, page_ids, cfg=self.cfg,
-                                              dtype=self.dtype)
+                                              dtype=self.dtype, processor=self.processor)
                 for e in part:
                     e.written = True
                 self.free.extend(reversed(self.sharing.fuse(self, part)))
@@ -260,7 +300,7 @@ class PagePool:
             slot = 0
             for e in entries:
                 table[row, slot:slot + len(e.pages)] = e.pages
-                mask[row, slot * pt: slot * pt + e.length] = True
+                mask[row, slot * pt: slot * pt + self.stored_tokens(e)] = True
                 slot += len(e.pages)
         return table, mask
 
@@ -273,36 +313,56 @@ def bucket_for(n: int, buckets) -> int:
     raise RequestError(f"{n} tokens exceed the largest bucket {max(buckets)}")
 
 
-@partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("pool_k", "pool_v"))
-def write_chunks(params, pool_k, pool_v, tokens, mask, page_ids, *, cfg: ModelConfig, dtype=jnp.float32):
-    """Encode chunks and write them into their pages in place.
+@functools.lru_cache
+def _zeros_fn(shape, pic_dtype: str, dtype, sharding):
+    """A jit function making an empty pool buffer; cached, so that pools of one shape compile it once."""
+    return jax.jit(lambda: quant.zeros(shape, pic_dtype, dtype), out_shardings=sharding)
 
-    tokens, mask [B, L] (L a multiple of page_tokens); page_ids [B, L / page_tokens] (out-of-range ids are
-    dropped: padding rows and pages past a chunk's end). pool_k/v [E, P, page_tokens, K, D] (donated), arrays or
-    `quant.Int8Pages` (the chunks are quantised here).
+
+@partial(jax.jit, static_argnames=("cfg", "dtype", "processor"), donate_argnames=("pool_k", "pool_v"))
+def write_chunks(params, pool_k, pool_v, tokens, mask, page_ids, *, cfg: ModelConfig, dtype=jnp.float32,
+                 processor=comb_chunks):
+    """Run the chunk processor on chunks and write what it stores into their pages in place.
+
+    tokens, mask [B, L] (L a multiple of page_tokens); page_ids [B, ceil((L + extra) / page_tokens)] for a processor
+    storing L + extra tokens per chunk (out-of-range ids are dropped: padding rows and pages past a chunk's end).
+    pool_k/v [layers, P, page_tokens, K, D] (donated), arrays or `quant.Int8Pages` (the chunks are quantised here).
     """
-    cache = encode(params, tokens, mask, cfg, dtype)
-    e, b, length, kv_heads, head_dim = cache.k.shape
+    new_k, new_v = processor(params, tokens, mask, cfg=cfg, dtype=dtype)
     pt = pool_k.shape[2]
     flat_ids = page_ids.reshape(-1)
 
     def scatter(pool, new):
-        pages = quant.store(new.reshape(e, b * (length // pt), pt, kv_heads, head_dim), pool)
+        layers, b, length, kv_heads, head_dim = new.shape
+        new = jnp.pad(new, ((0, 0), (0, 0), (0, page_ids.shape[1] * pt - length), (0, 0), (0, 0)))
+        pages = quant.store(new.reshape(layers, flat_ids.shape[0], pt, kv_heads, head_dim), pool)
         return jax.tree.map(lambda p, n: p.at[:, flat_ids].set(n, mode="drop"), pool, pages)
 
-    return scatter(pool_k, cache.k), scatter(pool_v, cache.v)
+    return scatter(pool_k, new_k), scatter(pool_v, new_v)
+
+
+@partial(jax.jit, static_argnames=("dtype",))
+def gather_tokens(pool_k, pool_v, slots, valid=None, dtype=None):
+    """Pool slots -> dense arrays. slots [B, C] (flat page * page_tokens + offset) -> k, v [layers, B, C, K, D].
+
+    valid [B, C] (optional): tokens outside it read as zeros. k, v come in `dtype` (default: the pool's dtype;
+    float32 for an int8 pool, which is dequantised here).
+    """
+    def dense(pool):
+        flat = jax.tree.map(lambda a: a.reshape(a.shape[0], -1, *a.shape[3:]), pool)  # [layers, P * pt, ...]
+        tokens = quant.load(jax.tree.map(lambda a: a[:, slots], flat),
+                            dtype or (jnp.float32 if isinstance(pool, quant.Int8Pages) else pool.dtype))
+        return tokens if valid is None else jnp.where(valid[None, :, :, None, None], tokens, 0)
+
+    return dense(pool_k), dense(pool_v)
 
 
 @partial(jax.jit, static_argnames=("dtype",))
 def gather_context(pool_k, pool_v, page_table, mask, dtype=None):
     """Pages -> dense per-request PICache arrays. page_table [B, P_ctx]; mask [B, C] -> k, v [E, B, C, K, D].
 
-    k, v come in `dtype` (default: the pool's dtype; float32 for an int8 pool, which is dequantised here).
+    C = P_ctx * page_tokens; masked slots (each chunk's unused last-page tail) hold whatever the page does.
     """
-    def dense(pool):
-        pages = jax.tree.map(lambda a: a[:, page_table], pool)  # [E, B, P_ctx, page_tokens, K, D]
-        pages = quant.load(pages, dtype or (jnp.float32 if isinstance(pool, quant.Int8Pages) else pool.dtype))
-        e, b, p, pt, k, d = pages.shape
-        return pages.reshape(e, b, p * pt, k, d)
-
-    return dense(pool_k), dense(pool_v), mask
+    pt = pool_k.shape[2]
+    slots = (page_table[:, :, None] * pt + jnp.arange(pt)).reshape(page_table.shape[0], -1)
+    return (*gather_tokens(pool_k, pool_v, slots, dtype=dtype), mask)

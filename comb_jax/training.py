@@ -1,7 +1,9 @@
 """Training Comb: loss, optimizer, a sharded jit train step, and the training loop with eval and checkpoints.
 
-Only `params["comb"]` is differentiated and carries AdamW state; the frozen backbone is a separate argument of
-the step. Master weights are float32; the model computes in `cfg.compute_dtype` (bfloat16 on accelerators).
+Only the trainable subtree is differentiated and carries AdamW state: `params["comb"]`, or with
+`train.objective=kvpacket` the KV Packet adapter `params["kvpacket"]` (`layout.trainable_layout`; the same loop,
+data sources, checkpoints and metrics train both). The frozen backbone is a separate argument of the step. Master
+weights are float32; the model computes in `cfg.compute_dtype` (bfloat16 on accelerators).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import optax
 
 from comb_jax import checkpoint as ckpt
 from comb_jax import data as data_lib
-from comb_jax.layout import abstract_params, count_params, model_layout
+from comb_jax.layout import abstract_params, count_params, model_layout, trainable_layout
 from comb_jax.model import PICache, encode, forward_with_taps, lm_logits, rms_norm
 from comb_jax.sharding import logical_sharding, make_mesh, param_shardings, replicated
 
@@ -38,7 +40,7 @@ class TrainingDiverged(FloatingPointError):
 
 class TrainState(NamedTuple):
     step: jax.Array  # [] int32
-    comb: Any  # trainable params, float32 master copy
+    comb: Any  # the trainable subtree (`trainable_layout`: Comb, or the KV Packet adapter), float32 master copy
     opt_state: Any  # AdamW state of `comb` only
 
 
@@ -120,9 +122,16 @@ def calibrate_kv_scale(comb, backbone, batch, cfg) -> dict:
 
 
 def objective_loss(comb, backbone, batch, cfg):
-    """The loss of `cfg.train.objective`: `loss_fn` ("answer") or `kv_distill_loss` ("kv")."""
+    """The loss of `cfg.train.objective`: `loss_fn` ("answer"), `kv_distill_loss` ("kv") or, with `comb` the KV
+    Packet adapter, `kvpacket.kvpacket_loss` ("kvpacket")."""
     if cfg.train.objective == "kv":
         return kv_distill_loss(comb, backbone, batch, cfg)
+    if cfg.train.objective == "kvpacket":
+        from comb_jax.kvpacket import kvpacket_loss
+
+        loss, metrics = kvpacket_loss(comb, backbone, batch, cfg, kl_weight=1.0,
+                                      ce_weight=cfg.train.kvpacket_ce_weight)
+        return loss, dict(metrics, hidden=jnp.zeros((), jnp.float32))
     return loss_fn(comb, backbone, batch, cfg)
 
 
@@ -218,7 +227,9 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 
 BATCH_AXES = {"chunk_tokens": ("batch", None, "seq"), "chunk_mask": ("batch", None, "seq"),
               "tokens": ("batch", "seq"), "targets": ("batch", "seq"), "loss_mask": ("batch", "seq"),
-              "teacher_tokens": ("batch", "seq"), "teacher_index": ("batch", "seq")}
+              "teacher_tokens": ("batch", "seq"), "teacher_index": ("batch", "seq"),
+              # objective=kvpacket batches (kvpacket.collate)
+              "prefix_tokens": ("batch", "seq"), "prefix_len": ("batch",), "query_tokens": ("batch", "seq")}
 
 
 def batch_shardings(batch, mesh):
@@ -239,7 +250,7 @@ def opt_state_shardings(abstract_opt_state, comb_shardings, mesh):
 
 
 def state_shardings(cfg, mesh, optimizer):
-    comb_layout = model_layout(cfg.model)["comb"]
+    _, comb_layout = trainable_layout(cfg)
     comb_sh = param_shardings(comb_layout, mesh)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params(comb_layout, jnp.dtype(cfg.param_dtype)))
     return TrainState(replicated(mesh), comb_sh, opt_state_shardings(abstract_opt, comb_sh, mesh))
@@ -454,7 +465,11 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     if examples is None:
         examples = prepare_examples(cfg, codec, {"backbone": backbone}, run_dir, progress)
     train_ex, eval_ex = examples
-    iterator = data_lib.train_iterator(train_ex, codec, tc)
+    trainable, trainable_tree = trainable_layout(cfg)
+    if trainable == "kvpacket":
+        from comb_jax import kvpacket
+    iterator = (kvpacket.train_iterator(train_ex, codec, tc, tc.seed) if trainable == "kvpacket"
+                else data_lib.train_iterator(train_ex, codec, tc))
 
     optimizer = make_optimizer(tc)
     manager = ckpt.make_manager(ckpt.checkpoint_root(run_dir), tc.keep_checkpoints)
@@ -465,14 +480,17 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
         if not resume and manager.latest_step() is not None:
             raise FileExistsError(f"{ckpt.checkpoint_root(run_dir)} already has checkpoints: pass --resume to "
                                   "continue, or choose another train.run_dir")
-        comb = init_comb(cfg, backbone_host, jax.random.key(tc.seed))
+        if trainable == "kvpacket":
+            comb = kvpacket.init_kvpacket(backbone_host, tc.kvpacket_tokens, codec.encode(kvpacket.TRAILER_INIT_TEXT))
+        else:
+            comb = init_comb(cfg, backbone_host, jax.random.key(tc.seed))
         if tc.objective == "kv" and not tc.init_checkpoint:  # a batch from its own stream: the run's is untouched
             calibration = next(data_lib.train_iterator(train_ex, codec, tc, seed=tc.seed + 1))
             comb = jax.jit(lambda c, bb, b: calibrate_kv_scale(c, bb, b, cfg))(comb, backbone, calibration)
         state = init_state(cfg, mesh, optimizer, comb)
     else:
         sh = state_shardings(cfg, mesh, optimizer)
-        abstract_comb = abstract_params(model_layout(cfg.model)["comb"], jnp.dtype(cfg.param_dtype))
+        abstract_comb = abstract_params(trainable_tree, jnp.dtype(cfg.param_dtype))
         with_sharding = lambda tree, shardings: jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
         abstract = TrainState(None, with_sharding(abstract_comb, sh.comb),
@@ -498,14 +516,21 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     reference = {}  # no-context and full-prompt NLLs of the eval set, computed once
 
     def run_eval(at_step: int) -> dict:
-        result = evaluate(state, backbone, eval_ex, codec, cfg, loss_step,
-                          min(tc.teacher_max_tokens, tc.max_decoder_tokens), reference)
-        gap = result["eval_gap_closed"]
-        tqdm.write(f"step {at_step}: eval loss {result['eval_loss']:.4f}, F1 {result['eval_f1']:.3f} "
-                   f"(vs targets {result['eval_f1_target']:.3f}), contain {result['eval_contain']:.3f}, reading gap "
-                   f"closed {result['eval_reading_gap_closed']}, gap closed "
-                   f"{'n/a' if gap is None else f'{gap:.3f}'}; sample: {json.dumps(result['eval_samples'][:1])}")
+        if trainable == "kvpacket":
+            result = kvpacket.evaluate(state.comb, backbone, eval_ex, cfg)
+        else:
+            result = evaluate(state, backbone, eval_ex, codec, cfg, loss_step,
+                              min(tc.teacher_max_tokens, tc.max_decoder_tokens), reference)
+        shown = ", ".join(f"{k[len('eval_'):]} {'n/a' if v is None else f'{v:.4f}'}" for k, v in result.items()
+                          if k != "eval_samples" and not k.startswith("eval_nll"))
+        sample = f"; sample: {json.dumps(result['eval_samples'][:1])}" if result.get("eval_samples") else ""
+        tqdm.write(f"step {at_step}: {shown}{sample}")
         return result
+
+    def save(at_step: int, eval_loss=None):
+        ckpt.save(manager, at_step, state.comb, state.opt_state, iterator.get_state(), cfg, eval_loss)
+        if trainable == "kvpacket":  # what the eval and serving load (`--kvpacket RUN_DIR`)
+            kvpacket.write_adapter(run_dir, jax.device_get(state.comb), at_step)
 
     try:
         with metrics_path.open("a") as log:
@@ -534,7 +559,8 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                                            f"and {kept}")
                 tokens = real_tokens(batch)
                 record = {"step": step, "loss": loss, "ce": float(metrics["ce"]), "kl": float(metrics["kl"]),
-                          "hidden": float(metrics["hidden"]), **gate_values(state.comb),
+                          "hidden": float(metrics["hidden"]),
+                          **(gate_values(state.comb) if trainable == "comb" else {}),
                           "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
                           "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
                 if flops.get(shapes) and peak:
@@ -550,7 +576,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
                 if step % tc.checkpoint_every == 0 or step == tc.steps:
-                    ckpt.save(manager, step, state.comb, state.opt_state, iterator.get_state(), cfg, eval_loss)
+                    save(step, eval_loss)
                 summary.setdefault("losses", []).append(loss)
                 if stop_after is not None and step >= stop_after:
                     break

@@ -200,6 +200,9 @@ class ScriptedRunner:
     def reset(self):
         pass
 
+    def reserve(self, segments):
+        pass
+
     def cache_bytes_per_token(self, mode):
         return 0.0
 

@@ -10,7 +10,6 @@ import pytest
 
 from comb_jax import kvpacket
 from comb_jax.pic_modes import PicRunner, Segments, _pad, bucket, chunk_kv
-from comb_jax.training import make_optimizer
 
 TOL = 1e-5
 rng = np.random.default_rng(3)
@@ -78,22 +77,63 @@ def test_training_student_matches_serving(tiny_cfg, tiny_params):
                                    rtol=1e-4)
 
 
-def test_training_step_lowers_the_loss(tiny_cfg, tiny_params):
-    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, learning_rate=3e-2, warmup_steps=1,
-                                                                  weight_decay=0.0))
-    kt = kvpacket.KVPacketTraining(num_tokens=4, kl_weight=1.0, ce_weight=0.0)
+def test_training_step_lowers_the_loss_and_trains_only_the_adapter(tiny_cfg, tiny_params):
+    """The Comb trainer's sharded jit step with train.objective=kvpacket: only the trailer has state and moves."""
+    from comb_jax import training as T
+    from comb_jax.config import apply_overrides
+    from comb_jax.sharding import make_mesh
+
+    cfg = apply_overrides(tiny_cfg, ["objective=kvpacket", "kvpacket_tokens=4", "learning_rate=3e-2",
+                                     "warmup_steps=1", "weight_decay=0", "batch_size=2", "mesh.data=1"])
     batch = batch_for(tiny_cfg, [seg(), seg(CHUNKS[::-1])])
-    adapter = jax.tree.map(jnp.asarray, random_adapter(tiny_params, 4, seed=1))
+    adapter = random_adapter(tiny_params, 4, seed=1)
+    backbone_before = jax.tree.map(np.copy, jax.tree.map(np.asarray, tiny_params["backbone"]))
     loss = lambda a: float(kvpacket.kvpacket_loss(a, tiny_params["backbone"], batch, cfg)[0])  # noqa: E731
-    before = loss(adapter)
-    optimizer = make_optimizer(cfg.train)
-    opt_state = optimizer.init(adapter)
-    step = kvpacket.make_step(cfg, optimizer, kt)
+    before = loss(jax.tree.map(jnp.asarray, adapter))
+    mesh = make_mesh(cfg.mesh)
+    optimizer = T.make_optimizer(cfg.train)
+    state = T.init_state(cfg, mesh, optimizer, adapter)
+    backbone = T.place_backbone(cfg, mesh, tiny_params["backbone"])
+    step = T.make_train_step(cfg, mesh, optimizer, batch)
     for _ in range(5):
-        adapter, opt_state, metrics = step(adapter, opt_state, tiny_params["backbone"], batch)
-    assert before > 0
-    assert loss(adapter) < before
-    assert set(adapter) == {"trailer"}  # only the adapter is trained: the backbone is an argument, never returned
+        state, metrics = step(state, backbone, batch)
+    assert before > 0 and float(metrics["kl"]) > 0
+    assert loss(state.comb) < before
+    assert set(state.comb) == {"trailer"}  # only the adapter is trained: the backbone is an argument, never returned
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), backbone, backbone_before)
+
+
+def test_train_py_trains_kvpacket_with_exact_resume_and_writes_the_adapter(tiny_cfg, tiny_params, tmp_path):
+    """`training.train` with objective=kvpacket: metrics and held-out eval logged, a run killed after step 2 and
+    resumed ends bit-identical to one that never stopped, and adapter.safetensors holds the final trailer."""
+    import json
+
+    from train_helpers import toy_cfg, toy_examples
+
+    from comb_jax import training as T
+
+    backbone = jax.tree.map(np.asarray, tiny_params["backbone"])
+    examples = (toy_examples(8), toy_examples(4))
+
+    def cfg_for(run):
+        return toy_cfg(tiny_cfg, "objective=kvpacket", "kvpacket_tokens=3", "batch_size=2", "mesh.data=1", "steps=4",
+                       "checkpoint_every=2", "eval_every=2", "eval_examples=4", "learning_rate=1e-2",
+                       "train.chunk_buckets=(32,)", "decoder_buckets=(48,)", "targets=gold", f"run_dir={run}")
+
+    whole = T.train(cfg_for(tmp_path / "whole"), progress=False, backbone=backbone, examples=examples)
+    T.train(cfg_for(tmp_path / "cut"), progress=False, backbone=backbone, examples=examples, stop_after=2)
+    resumed = T.train(cfg_for(tmp_path / "cut"), resume=True, progress=False, backbone=backbone, examples=examples)
+    assert resumed["start_step"] == 2 and resumed["end_step"] == 4
+    final = np.asarray(whole["state"].comb["trailer"])
+    np.testing.assert_array_equal(np.asarray(resumed["state"].comb["trailer"]), final)
+    assert final.shape == (3, tiny_cfg.model.hidden)
+    np.testing.assert_array_equal(kvpacket.load_adapter(tmp_path / "whole")["trailer"], final)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["kl"] > 0 and "gate_attn" not in r for r in records)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval_loss"] >= 0 and r["eval_kl_naive"] >= 0 and "eval_gap_closed" in r for r in evals)
 
 
 @pytest.mark.parametrize("p", [0, 2])
