@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from comb_jax.checkpoint import load_model
 from comb_jax.cli import Parser, UsageError, one_line, run
 from comb_jax.config import load_config
-from comb_jax.data import make_codec
-from comb_jax.engine import Engine, Request, Result, compile_count
-from comb_jax.pool import RequestError
+from comb_jax.model.tokenizer import chat_prompt_ids, text_ids
+from comb_jax.serving.engine import Engine, Request, Result, compile_count
+from comb_jax.serving.pool import RequestError
 from comb_jax.serving.protocol import json_kind
-from comb_jax.tokenizer import chat_prompt_ids, text_ids
+from comb_jax.training.checkpoint import load_model
+from comb_jax.training.data import make_codec
 
 DEMO_CHUNKS = [
     "Mira keeps her bicycle in the blue shed behind the bakery. The red shed holds only garden tools.",
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from comb_jax.memory_plan import format_plan, memory_plan
+        from comb_jax.serving.memory_plan import format_plan, memory_plan
 
         plan = memory_plan(cfg, int(args.device_gb * 1e9))
         print(format_plan(plan), file=sys.stderr)
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
 
     results = [rows[i] for i in range(len(parsed))]
     if not args.input:  # the demo batch: show what was answered, from where, and whether it is the chunks' fact
-        from comb_jax.metrics import contains_answer
+        from comb_jax.eval.metrics import contains_answer
 
         found = 0
         for r in results:

@@ -2,7 +2,7 @@
 
 --dry-run lowers and compiles the train step with abstract arrays on a simulated 8-device CPU mesh (no
 weights are loaded) and prints parameter counts and XLA's per-device memory. The logic lives in
-comb_jax.training. A usage error (unknown config or key, bad value, missing path, corrupt checkpoints) prints
+comb_jax.training.trainer. A usage error (unknown config or key, bad value, missing path, corrupt checkpoints) prints
 one line and exits with status 2; a diverged run exits with status 1.
 """
 
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
     from comb_jax.config import load_config
-    from comb_jax.training import TrainingDiverged, dry_run, train
+    from comb_jax.training.trainer import TrainingDiverged, dry_run, train
 
     cfg = load_config(args.config, args.overrides)  # a ConfigError becomes one line and status 2 (see cli.run)
     if args.dry_run:

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import load_config
-from comb_jax.decode import prefill
-from comb_jax.layout import init_params, model_layout
+from comb_jax.model.decode import prefill
+from comb_jax.model.layout import init_params, model_layout
 
 
 def compile_prefill(cfg, params, tokens: int, impl: str, dtype):

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import load_config
-from comb_jax.layout import init_params, model_layout
-from comb_jax.model import PICache, cross_context, forward, init_kv_cache
+from comb_jax.model.layout import init_params, model_layout
+from comb_jax.model.transformer import PICache, cross_context, forward, init_kv_cache
 
 
 def main():

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import load_config
-from comb_jax.decode import DecodeState, decode_loop
-from comb_jax.layout import init_params, model_layout
-from comb_jax.model import CrossContext, KVCache
+from comb_jax.model.decode import DecodeState, decode_loop
+from comb_jax.model.layout import init_params, model_layout
+from comb_jax.model.transformer import CrossContext, KVCache
 
 
 def tree_bytes(tree, dtype) -> int:

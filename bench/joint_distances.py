@@ -1,5 +1,5 @@
-"""Nearest-other-page relative distances (comb_jax/joint_pages.py) of chunk caches on held-out requests: the naive
-backbone KV and Comb's PICaches, and the fraction of pages a joint-encoding threshold would fuse.
+"""Nearest-other-page relative distances (comb_jax/serving/joint_pages.py) of chunk caches on held-out requests: the
+naive backbone KV and Comb's PICaches, and the fraction of pages a joint-encoding threshold would fuse.
 
     python bench/joint_distances.py jsonl:runs/needles_dev.jsonl 8 16    # dataset, requests, page tokens
 """
@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax import data
-from comb_jax.checkpoint import load_params
 from comb_jax.config import load_config
-from comb_jax.eval import DEFAULT_DATA_DIR, build_segments, load_examples
-from comb_jax.joint_pages import relative_distances
-from comb_jax.pic_modes import _pad, bucket, chunk_kv
-from comb_jax.pool import comb_chunks
+from comb_jax.eval.harness import DEFAULT_DATA_DIR, build_segments, load_examples
+from comb_jax.eval.pic_modes import _pad, bucket, chunk_kv
+from comb_jax.serving.joint_pages import relative_distances
+from comb_jax.serving.pool import comb_chunks
+from comb_jax.training import data
+from comb_jax.training.checkpoint import load_params
 
 
 @partial(jax.jit, static_argnames=("cfg",))

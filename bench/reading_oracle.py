@@ -24,11 +24,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from comb_jax import data  # noqa: E402
 from comb_jax.config import load_config  # noqa: E402
-from comb_jax.layout import init_params, model_layout  # noqa: E402
-from comb_jax.model import PICache, apply_rope, block, forward, lm_logits, rms_norm, rope_tables  # noqa: E402,F401
-from comb_jax.weights import load_backbone  # noqa: E402
+from comb_jax.model.layout import init_params, model_layout  # noqa: E402
+from comb_jax.model.transformer import PICache, apply_rope, block, forward, lm_logits, rms_norm, rope_tables  # noqa: E402,F401
+from comb_jax.model.weights import load_backbone  # noqa: E402
+from comb_jax.training import data  # noqa: E402
 
 
 def backbone_kv(backbone, tokens, mask, cfg, layers):

@@ -13,10 +13,10 @@ import time
 import jax
 import numpy as np
 
-from comb_jax import training as T
 from comb_jax.config import load_config
-from comb_jax.layout import count_params, init_params, model_layout
-from comb_jax.sharding import make_mesh
+from comb_jax.model.layout import count_params, init_params, model_layout
+from comb_jax.model.sharding import make_mesh
+from comb_jax.training import trainer as T
 
 
 def synthetic_batch(batch, chunks, chunk_len, decoder_len, vocab, seed=0):

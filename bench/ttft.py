@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import apply_overrides, load_config
-from comb_jax.engine import Engine, Request
-from comb_jax.layout import init_params, model_layout
+from comb_jax.model.layout import init_params, model_layout
+from comb_jax.serving.engine import Engine, Request
 
 QUESTION_TOKENS = 30
 

@@ -36,8 +36,8 @@ def fail(prog: str, message: str):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug (imported lazily: jax and orbax are slow to import)."""
-    from comb_jax.checkpoint import CheckpointError
     from comb_jax.config import ConfigError
+    from comb_jax.training.checkpoint import CheckpointError
 
     return (UsageError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError, ValueError)

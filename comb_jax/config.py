@@ -103,7 +103,8 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    init: str = "random"  # "random" (release: N(0, 0.02)), "warm" (from decoder layers), "pointer" (warm_start.py)
+    # "random" (release: N(0, 0.02)), "warm" (from decoder layers), "pointer" (training/warm_start.py)
+    init: str = "random"
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     warmup_steps: int = 1000
@@ -122,8 +123,8 @@ class TrainConfig:
     hidden_weight: float = 0.0
     # what the loss trains: "answer" (cross-entropy on answer tokens, plus the kl/hidden terms) or "kv" (the encoder
     # alone: its K/V regressed onto the frozen backbone's own pre-RoPE K/V of the same chunk at layer c_k), both on
-    # params["comb"]; or "kvpacket": no Comb at all, the KV Packet trailer adapter params["kvpacket"] (kvpacket.py),
-    # distilled from the full prompt (KL per answer token, plus kvpacket_ce_weight x cross-entropy)
+    # params["comb"]; or "kvpacket": no Comb at all, the KV Packet trailer adapter params["kvpacket"]
+    # (eval/kvpacket.py), distilled from the full prompt (KL per answer token, plus kvpacket_ce_weight x cross-entropy)
     objective: str = "answer"
     kvpacket_tokens: int = 8  # objective=kvpacket: soft tokens in each document's trailer (P)
     kvpacket_ce_weight: float = 0.0
@@ -159,7 +160,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """PICache pool, batching and bucket shapes of the serving engine (see comb_jax/engine.py)."""
+    """PICache pool, batching and bucket shapes of the serving engine (see comb_jax/serving/engine.py)."""
 
     page_tokens: int = 64
     pool_tokens: int = 65536
@@ -173,8 +174,8 @@ class ServeConfig:
     # how the pool stores PICache K/V: auto (the compute dtype), float32, bfloat16, or int8 with a float16 scale
     # per token and KV head (about half of bfloat16's bytes: twice the chunks in the same memory)
     pic_dtype: str = "auto"
-    # joint encoding of KV pages (comb_jax/joint_pages.py): a page within this relative distance of a stored page is
-    # served from it (refcounted, shared); < 0 off, 0 exact duplicates only
+    # joint encoding of KV pages (comb_jax/serving/joint_pages.py): a page within this relative distance of a stored
+    # page is served from it (refcounted, shared); < 0 off, 0 exact duplicates only
     joint_page_threshold: float = -1.0
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
     chunk_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)

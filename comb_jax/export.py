@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from comb_jax.cli import Parser, run
 from comb_jax.config import ModelConfig, load_config
-from comb_jax.layout import check_shapes, model_layout
-from comb_jax.weights import SafetensorsDir, hf_names, model_config_from_hf, to_torch_layout, tree_from_tensors
+from comb_jax.model.layout import check_shapes, model_layout
+from comb_jax.model.weights import SafetensorsDir, hf_names, model_config_from_hf, to_torch_layout, tree_from_tensors
 
 log = logging.getLogger("comb_jax.export")
 
@@ -386,16 +386,16 @@ def main(argv=None) -> dict:
     if args.decoder_only:
         if args.checkpoint:
             log.warning("--decoder-only exports the frozen backbone from cfg.weights; the checkpoint is not read")
-        from comb_jax.weights import load_backbone
+        from comb_jax.model.weights import load_backbone
 
         params = {"backbone": load_backbone(cfg)}
     else:
-        from comb_jax.checkpoint import load_params
+        from comb_jax.training.checkpoint import load_params
 
         params = load_params(cfg, args.checkpoint)
     tokenizer = None
     if cfg.weights.source != "random":
-        from comb_jax.tokenizer import load_tokenizer
+        from comb_jax.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg)
     if args.decoder_only:

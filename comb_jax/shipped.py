@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from comb_jax.layout import check_shapes, flatten_names, model_layout
+from comb_jax.model.layout import check_shapes, flatten_names, model_layout
 
 log = logging.getLogger("comb_jax.shipped")
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped_models"
@@ -80,7 +80,7 @@ def load_shipped(cfg, path: Path | None = None) -> dict:
 def _unflatten(layout, flat: dict) -> dict:
     import jax
 
-    from comb_jax.layout import is_param
+    from comb_jax.model.layout import is_param
 
     paths = jax.tree_util.tree_flatten_with_path(layout, is_leaf=is_param)[0]
     treedef = jax.tree.structure(layout, is_leaf=is_param)
@@ -129,10 +129,10 @@ def model_card(card: dict) -> str:
 
 
 def main(argv=None):
-    from comb_jax.checkpoint import restore_comb_params
     from comb_jax.config import load_config
-    from comb_jax.data import backbone_fingerprint
-    from comb_jax.weights import load_backbone
+    from comb_jax.model.weights import load_backbone
+    from comb_jax.training.checkpoint import restore_comb_params
+    from comb_jax.training.data import backbone_fingerprint
 
     ap = argparse.ArgumentParser(prog="python -m comb_jax.shipped", description="Ship a trained Comb checkpoint.")
     ap.add_argument("--config", required=True)

@@ -1,5 +1,5 @@
 """KV Packet (issue 15) on SmolLM2-135M-Instruct: no Comb blocks are trained or used; the trainer distils an 8-token
-trailer adapter (`params["kvpacket"]`, comb_jax/kvpacket.py) from the full prompt. Serve it with the eval's
+trailer adapter (`params["kvpacket"]`, comb_jax/eval/kvpacket.py) from the full prompt. Serve it with the eval's
 `--modes kvpacket --kvpacket RUN_DIR`."""
 
 import dataclasses

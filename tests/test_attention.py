@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from comb_jax import model
-from comb_jax.decode import generate
-from comb_jax.model import (
+from comb_jax.model import transformer as model
+from comb_jax.model.decode import generate
+from comb_jax.model.transformer import (
     PICache,
     attention,
     concat_picaches,

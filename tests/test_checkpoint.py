@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from train_helpers import checkpointed_run_cfg, toy_examples
 
-from comb_jax import checkpoint as ckpt
-from comb_jax import training as T
-from comb_jax.checkpoint import CheckpointError, restore_comb_params
+from comb_jax.training import checkpoint as ckpt
+from comb_jax.training import trainer as T
+from comb_jax.training.checkpoint import CheckpointError, restore_comb_params
 
 
 def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path, monkeypatch):

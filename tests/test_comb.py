@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax.layout import init_params, model_layout
-from comb_jax.model import PICache, concat_picaches, encode, forward, lm_logits
+from comb_jax.model.layout import init_params, model_layout
+from comb_jax.model.transformer import PICache, concat_picaches, encode, forward, lm_logits
 
 
 def _chunks(lengths, seed=0):

@@ -3,7 +3,7 @@
 import pytest
 
 from comb_jax.config import ConfigError, available_configs, load_config
-from comb_jax.layout import abstract_params, count_params, model_layout
+from comb_jax.model.layout import abstract_params, count_params, model_layout
 
 
 def test_named_configs_exist():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from comb_jax.curves import main, moving_average, read_metrics
+from comb_jax.training.curves import main, moving_average, read_metrics
 
 
 def _write_run(path, losses, evals=()):

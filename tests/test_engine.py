@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from comb_jax.config import apply_overrides
-from comb_jax.engine import Engine, Request, compile_count
-from comb_jax.model import concat_picaches, encode, forward, lm_logits
+from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
+from comb_jax.serving.engine import Engine, Request, compile_count
 
 # Small buckets keep the number of compiled shapes (and the test time) down; every test reuses them.
 SERVE_OVERRIDES = ["serve.prompt_buckets=(16, 32)", "serve.context_buckets=(64, 128)", "serve.chunk_buckets=(16, 32)",

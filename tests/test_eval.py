@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from comb_jax.data import Codec, Example
-from comb_jax.eval import (
+from comb_jax.eval.harness import (
     answer_nlls,
     build_segments,
     gap_closed,
@@ -19,10 +18,11 @@ from comb_jax.eval import (
     run_eval,
     shuffled_order,
 )
-from comb_jax.layout import init_params, model_layout
-from comb_jax.metrics import normalize_answer
-from comb_jax.model import concat_picaches, encode, forward, lm_logits
-from comb_jax.pic_modes import MODES, Answer
+from comb_jax.eval.metrics import normalize_answer
+from comb_jax.eval.pic_modes import MODES, Answer
+from comb_jax.model.layout import init_params, model_layout
+from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
+from comb_jax.training.data import Codec, Example
 
 CHUNKS = ["Mira keeps her bicycle in the blue shed.", "The red shed holds garden tools.",
           "Bakeries open early.", "Tom's cat sleeps on the piano."]

@@ -14,9 +14,9 @@ from torch_comb import TorchComb
 
 from comb_jax.config import RopeScaling
 from comb_jax.export import export_comb, export_llama, import_comb, import_llama, main, parse_size
-from comb_jax.layout import flatten_names, init_params, model_layout
-from comb_jax.model import concat_picaches, encode, forward, lm_logits
-from comb_jax.weights import load_backbone
+from comb_jax.model.layout import flatten_names, init_params, model_layout
+from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
+from comb_jax.model.weights import load_backbone
 
 PROMPT_LEN = 12
 # per batch row, the lengths of its chunks: two chunks, one short chunk (padded in JAX), no chunk at all
@@ -237,7 +237,7 @@ def test_cli_exports_loaded_weights(tiny_cfg, tmp_path, caplog):
 
 def test_cli_exports_an_orbax_checkpoint(tiny_cfg, tiny_params, tmp_path):
     """A checkpoint written the way train.py writes it: the export carries its comb params bit for bit."""
-    from comb_jax import checkpoint
+    from comb_jax.training import checkpoint
 
     comb = jax.tree.map(np.asarray, tiny_params["comb"])
     manager = checkpoint.make_manager(checkpoint.checkpoint_root(tmp_path / "run"), keep=2)

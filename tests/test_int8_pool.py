@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax import quant
 from comb_jax.config import MeshConfig, load_config
-from comb_jax.engine import Engine, Request
-from comb_jax.model import PICache, encode, forward, lm_logits
-from comb_jax.pool import PagePool, gather_context, page_bytes, pool_pages
-from comb_jax.sharding import make_mesh
+from comb_jax.model.sharding import make_mesh
+from comb_jax.model.transformer import PICache, encode, forward, lm_logits
+from comb_jax.serving import quant
+from comb_jax.serving.engine import Engine, Request
+from comb_jax.serving.pool import PagePool, gather_context, page_bytes, pool_pages
 
 
 def test_int8_round_trip_error_is_at_most_half_a_step():

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from comb_jax.config import MeshConfig
-from comb_jax.joint_pages import relative_distances
-from comb_jax.pic_modes import PicRunner, Segments
-from comb_jax.pool import PagePool, gather_context, gather_tokens
-from comb_jax.sharding import make_mesh
+from comb_jax.eval.pic_modes import PicRunner, Segments
+from comb_jax.model.sharding import make_mesh
+from comb_jax.serving.joint_pages import relative_distances
+from comb_jax.serving.pool import PagePool, gather_context, gather_tokens
 
 PT = 16  # tiny_comb's serve.page_tokens
 
@@ -166,7 +166,7 @@ def test_runner_joint_pages_fuse_a_shared_causal_prefix_page_and_answer_as_befor
 
 
 def test_eval_threshold_argument():
-    from comb_jax.eval import _thresholds
+    from comb_jax.eval.harness import _thresholds
 
     assert _thresholds("0.4") == 0.4 and _thresholds("-1") == -1.0
     assert _thresholds("naive=1.15,comb=0.45") == {"naive": 1.15, "comb": 0.45}

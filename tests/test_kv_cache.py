@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax.model import PICache, concat_picaches, encode, forward, init_kv_cache, lm_logits
+from comb_jax.model.transformer import PICache, concat_picaches, encode, forward, init_kv_cache, lm_logits
 
 
 def _full_logits(params, cfg, tokens, picache):

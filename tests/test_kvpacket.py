@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from comb_jax import kvpacket
-from comb_jax.pic_modes import PicRunner, Segments, _pad, bucket, chunk_kv
+from comb_jax.eval import kvpacket
+from comb_jax.eval.pic_modes import PicRunner, Segments, _pad, bucket, chunk_kv
 
 TOL = 1e-5
 rng = np.random.default_rng(3)
@@ -79,9 +79,9 @@ def test_training_student_matches_serving(tiny_cfg, tiny_params):
 
 def test_training_step_lowers_the_loss_and_trains_only_the_adapter(tiny_cfg, tiny_params):
     """The Comb trainer's sharded jit step with train.objective=kvpacket: only the trailer has state and moves."""
-    from comb_jax import training as T
     from comb_jax.config import apply_overrides
-    from comb_jax.sharding import make_mesh
+    from comb_jax.model.sharding import make_mesh
+    from comb_jax.training import trainer as T
 
     cfg = apply_overrides(tiny_cfg, ["objective=kvpacket", "kvpacket_tokens=4", "learning_rate=3e-2",
                                      "warmup_steps=1", "weight_decay=0", "batch_size=2", "mesh.data=1"])
@@ -110,7 +110,7 @@ def test_train_py_trains_kvpacket_with_exact_resume_and_writes_the_adapter(tiny_
 
     from train_helpers import toy_cfg, toy_examples
 
-    from comb_jax import training as T
+    from comb_jax.training import trainer as T
 
     backbone = jax.tree.map(np.asarray, tiny_params["backbone"])
     examples = (toy_examples(8), toy_examples(4))
@@ -144,7 +144,7 @@ def test_packet_slots(tiny_cfg, tiny_params, p):
 
 
 def test_reading_nlls_zero_adapter_reads_like_naive(tiny_cfg, tiny_params):
-    from comb_jax.data import Example
+    from comb_jax.training.data import Example
 
     examples = [Example(f"e{i}", ("alpha beta gamma " * (i + 1), "delta epsilon"), f"what {i}?", "beta", ("beta",))
                 for i in range(3)]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from comb_jax.metrics import contains_answer, normalize_answer, qa_f1, rouge_l
+from comb_jax.eval.metrics import contains_answer, normalize_answer, qa_f1, rouge_l
 
 
 def test_normalisation_lowercases_drops_punctuation_and_articles():

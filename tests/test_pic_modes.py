@@ -5,9 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from comb_jax.layout import init_params, model_layout
-from comb_jax.model import block, rope_tables
-from comb_jax.pic_modes import (
+from comb_jax.eval.pic_modes import (
     PicRunner,
     Segments,
     assemble,
@@ -17,6 +15,8 @@ from comb_jax.pic_modes import (
     context_attention,
     last_layer_attention,
 )
+from comb_jax.model.layout import init_params, model_layout
+from comb_jax.model.transformer import block, rope_tables
 
 TOL = 1e-5
 rng = np.random.default_rng(0)

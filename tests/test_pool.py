@@ -8,9 +8,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from comb_jax.config import MeshConfig
-from comb_jax.model import encode
-from comb_jax.pool import ChunkTooLongError, PagePool, PoolFullError, fingerprint, gather_context
-from comb_jax.sharding import make_mesh
+from comb_jax.model.sharding import make_mesh
+from comb_jax.model.transformer import encode
+from comb_jax.serving.pool import ChunkTooLongError, PagePool, PoolFullError, fingerprint, gather_context
 
 
 def one_device_mesh():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from train_helpers import toy_cfg, toy_examples
 
-from comb_jax import data as D
-from comb_jax import training as T
-from comb_jax.layout import init_params, model_layout
-from comb_jax.model import block, encode, forward, forward_with_taps, rope_tables
-from comb_jax.warm_start import init_comb
+from comb_jax.model.layout import init_params, model_layout
+from comb_jax.model.transformer import block, encode, forward, forward_with_taps, rope_tables
+from comb_jax.training import data as D
+from comb_jax.training import trainer as T
+from comb_jax.training.warm_start import init_comb
 
 
 def _tokens(b, t, seed=0):
@@ -96,7 +96,7 @@ def test_open_attention_gates_keep_the_backbone_and_let_gradients_reach_the_enco
 
 
 def test_needle_set_facts_sit_in_exactly_one_chunk(shared_data):
-    from comb_jax.needles import copy_examples, needle_examples
+    from comb_jax.training.needles import copy_examples, needle_examples
 
     rows = needle_examples(shared_data, "dev", 40, seed=3)
     again = needle_examples(shared_data, "dev", 40, seed=3)
@@ -148,7 +148,7 @@ def test_kv_objective_trains_the_encoder_alone_towards_the_backbone_kv(tiny_cfg)
     after = float(T.objective_loss(calibrated, params["backbone"], batch, cfg)[0])
     assert after <= min(float(loss), 1.0) + 1e-6
     # a few steps lower it
-    from comb_jax.sharding import make_mesh
+    from comb_jax.model.sharding import make_mesh
 
     mesh = make_mesh(cfg.mesh)
     optimizer = T.make_optimizer(cfg.train)

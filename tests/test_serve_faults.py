@@ -14,8 +14,8 @@ from test_engine import SERVE_OVERRIDES, ids, reference_greedy
 import serve
 from comb_jax.cli import run
 from comb_jax.config import apply_overrides
-from comb_jax.data import Codec
-from comb_jax.engine import Engine, Request
+from comb_jax.serving.engine import Engine, Request
+from comb_jax.training.data import Codec
 
 CODEC = Codec(None)  # the byte-level toy of tiny_comb
 MAX_NEW = 8  # serve.max_new_tokens in SERVE_OVERRIDES
@@ -271,7 +271,7 @@ def test_whole_context_encoding_is_one_entry_with_bos(tiny_cfg, tiny_params):
 
 
 def test_special_tokens_in_text_are_text(smol_tokenizer):
-    from comb_jax.tokenizer import _escaped_chat_prompt_ids, chat_prompt_ids, special_strings, text_ids
+    from comb_jax.model.tokenizer import _escaped_chat_prompt_ids, chat_prompt_ids, special_strings, text_ids
 
     tok = smol_tokenizer
     im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")

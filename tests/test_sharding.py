@@ -6,9 +6,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from comb_jax.config import MeshConfig
-from comb_jax.layout import model_layout
-from comb_jax.model import encode, forward, lm_logits
-from comb_jax.sharding import make_mesh, param_shardings, partition_spec
+from comb_jax.model.layout import model_layout
+from comb_jax.model.sharding import make_mesh, param_shardings, partition_spec
+from comb_jax.model.transformer import encode, forward, lm_logits
 
 
 def test_mesh_shapes():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from comb_jax import shipped
-from comb_jax.layout import init_params, model_layout
+from comb_jax.model.layout import init_params, model_layout
 
 
 def test_ship_and_load_round_trip_in_bfloat16(tmp_path, tiny_cfg):
@@ -29,7 +29,7 @@ def test_ship_and_load_round_trip_in_bfloat16(tmp_path, tiny_cfg):
 
 
 def test_load_params_prefers_the_shipped_model_unless_told_none(tmp_path, tiny_cfg, monkeypatch):
-    from comb_jax.checkpoint import load_params
+    from comb_jax.training.checkpoint import load_params
 
     comb = jax.tree.map(lambda a: np.asarray(a) + 1.0,
                         init_params(model_layout(tiny_cfg.model), jax.random.key(0))["comb"])

@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from comb_jax import data, shipped
-from comb_jax import eval as ev
+from comb_jax import shipped
 from comb_jax.config import load_config
+from comb_jax.eval import harness as ev
+from comb_jax.training import data
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def test_card_matches_the_weights_and_the_backbone(pointer, smol_backbone):
 
 
 def test_reads_held_out_needles_from_the_right_chunks_in_any_order(pointer, shared_data):
-    from comb_jax.needles import needle_examples
+    from comb_jax.training.needles import needle_examples
 
     cfg, params = pointer
     rows = needle_examples(shared_data, "dev", 8, seed=0)
@@ -46,7 +47,7 @@ def test_reads_held_out_needles_from_the_right_chunks_in_any_order(pointer, shar
 def test_training_can_start_from_the_shipped_weights(pointer):
     import dataclasses
 
-    from comb_jax.warm_start import init_comb
+    from comb_jax.training.warm_start import init_comb
 
     cfg, params = pointer
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_checkpoint="shipped"))

@@ -140,8 +140,8 @@ def test_restarted_server_serves_documents_from_disk(tiny_params, tmp_path):
 
 
 def test_encode_corpus_cli_then_serve(tmp_path, capsys):
-    from comb_jax import encode_corpus
-    from comb_jax.checkpoint import load_model
+    from comb_jax.serving import encode_corpus
+    from comb_jax.training.checkpoint import load_model
 
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("\n".join(json.dumps(d) for d in [DOCS[0], {"id": "lib", "text": DOCS[1]}]) + "\n")
@@ -171,8 +171,8 @@ def test_encode_corpus_cli_then_serve(tmp_path, capsys):
 
 def test_int8_pool_entries_move_between_pool_and_store(tmp_path):
     """An int8 PICache pool keeps values and scales per page: both travel as named arrays, bit for bit."""
-    from comb_jax.engine import serving_mesh
-    from comb_jax.pool import PagePool
+    from comb_jax.serving.engine import serving_mesh
+    from comb_jax.serving.pool import PagePool
     from comb_jax.serving.store import pool_layout, read_entry, store_fingerprint, write_entry
 
     cfg = server_config(["serve.pic_dtype=int8"])

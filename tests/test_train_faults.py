@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from train_helpers import checkpointed_run_cfg, toy_examples
 
-from comb_jax import checkpoint as ckpt
-from comb_jax import data as D
-from comb_jax import training as T
-from comb_jax.checkpoint import CheckpointError, restore_comb_params
 from comb_jax.cli import run
 from comb_jax.config import CONFIG_DIR, ConfigError, load_config, validate
+from comb_jax.training import checkpoint as ckpt
+from comb_jax.training import data as D
+from comb_jax.training import trainer as T
+from comb_jax.training.checkpoint import CheckpointError, restore_comb_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,12 +100,12 @@ def test_corrupt_latest_checkpoint_falls_back_with_one_line(tiny_cfg, tiny_param
     root = tmp_path / "run" / "checkpoints"
     _save_steps(root, tiny_cfg, comb, (1, 2, 3))
     _corrupt(root / "3")
-    caplog.set_level(logging.WARNING, logger="comb_jax.checkpoint")
+    caplog.set_level(logging.WARNING, logger="comb_jax.training.checkpoint")
 
     # serving / export: the run dir falls back to step 2 and says so in one line
     restored = restore_comb_params(str(tmp_path / "run"), tiny_cfg)
     jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(lambda x: x * 2, comb))
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "comb_jax.checkpoint"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "comb_jax.training.checkpoint"]
     assert warning.startswith("skipping checkpoint step 3: ") and "\n" not in warning and len(warning) < 260
     with pytest.raises(CheckpointError, match="3/comb is missing or corrupt"):  # a step named explicitly: no fallback
         restore_comb_params(str(root / "3"), tiny_cfg)

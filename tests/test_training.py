@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from train_helpers import toy_cfg, toy_examples
 
-from comb_jax import data as D
-from comb_jax import training as T
 from comb_jax.config import MeshConfig, apply_overrides
-from comb_jax.layout import count_params, flatten_names
-from comb_jax.model import concat_picaches, encode, forward, lm_logits
-from comb_jax.sharding import make_mesh
-from comb_jax.warm_start import init_comb
+from comb_jax.model.layout import count_params, flatten_names
+from comb_jax.model.sharding import make_mesh
+from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
+from comb_jax.training import data as D
+from comb_jax.training import trainer as T
+from comb_jax.training.warm_start import init_comb
 
 
 def _run_steps(cfg, mesh, params, batches):
@@ -91,7 +91,7 @@ def test_warm_start_copies_decoder_layers_and_keeps_the_backbone_function(tiny_c
 
 
 def test_batch_picache_is_per_chunk_encoding_concatenated(tiny_cfg, tiny_params):
-    from comb_jax.model import concat_picaches, encode
+    from comb_jax.model.transformer import concat_picaches, encode
 
     chunks = (jnp.arange(2 * 3 * 8, dtype=jnp.int32).reshape(2, 3, 8) * 7) % 256
     mask = jnp.arange(8)[None, None, :] < jnp.array([[8, 5, 3], [2, 8, 6]])[..., None]

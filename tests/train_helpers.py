@@ -1,7 +1,7 @@
 """Small hand-made examples and configs shared by the training, data and checkpoint tests."""
 
 from comb_jax.config import apply_overrides
-from comb_jax.data import Example
+from comb_jax.training.data import Example
 
 FACTS = [("red", "apple"), ("blue", "sky"), ("green", "leaf"), ("gold", "sun"), ("grey", "rock"), ("pink", "rose"),
          ("white", "snow"), ("black", "coal"), ("brown", "bear"), ("teal", "lake"), ("plum", "jam"), ("tan", "sand"),

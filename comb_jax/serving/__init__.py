@@ -1,9 +1,17 @@
-"""OpenAI-compatible serving with continuous batching and a persistent, tiered PICache store.
+"""Serving: the chunk-cache pool and engine, and the OpenAI-compatible server with a persistent, tiered PICache store.
 
+- `pool`: the device page pool of chunk caches and the chunk processor; `quant`: how it stores K/V (int8 pages);
+  `joint_pages`: pages close enough share one physical page.
+- `engine`: batched serving (pool lookup, chunk encoding, bucketed prefill, decode loop); `memory_plan`: what a
+  config takes on one device (`serve.py --dry-run`).
 - `slots`: the per-slot decode state (static shapes), `insert` of a prefilled request and one `decode_step`.
 - `store`: PICache tiers below the device pool: host memory and disk (tensorstore), keyed by fingerprint + ids.
 - `scheduler`: the thread that owns the device: admits requests into free slots between decode steps.
 - `protocol`: OpenAI request parsing and validation (errors name the field).
 - `app`: the FastAPI app (`/v1/chat/completions`, `/v1/completions`, `/v1/documents`, `/metrics`, ...).
-- `corpus`: offline encoding of a JSONL corpus into the store (`python -m comb_jax.encode_corpus`).
+- `metrics`: the server's Prometheus metrics (answer-quality metrics are `eval.metrics`).
+- `corpus`, `encode_corpus`: offline encoding of a JSONL corpus into the store
+  (`python -m comb_jax.serving.encode_corpus`).
+
+Builds on `model`; `serve.py` is its thin command line.
 """

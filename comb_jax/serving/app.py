@@ -252,7 +252,7 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
 def build_server(cfg, params, codec, *, mode: str = "comb", store_dir: str | Path | None = None,
                  host_cache_bytes: int = 1 << 30, when_full: str = "reject", full_wait_s: float = 30.0):
     """(app, scheduler) for a model. store_dir None: host-memory tier only (nothing outlives the process)."""
-    from comb_jax.engine import Engine
+    from comb_jax.serving.engine import Engine
     from comb_jax.serving.store import PICacheStore, pool_layout, store_fingerprint
 
     bos = getattr(codec.tok, "bos_token_id", None) if codec.tok is not None else None
@@ -320,8 +320,8 @@ def run_server(cfg, checkpoint: str | None, *, mode: str = "comb", host: str = "
     """`serve.py --http`: load the model, build the server, serve until interrupted."""
     import uvicorn
 
-    from comb_jax.checkpoint import load_model
-    from comb_jax.data import make_codec
+    from comb_jax.training.checkpoint import load_model
+    from comb_jax.training.data import make_codec
 
     cfg, params = load_model(cfg, checkpoint)
     codec = make_codec(cfg)

@@ -1,4 +1,4 @@
-"""Offline corpus encoding into the persistent PICache store (`python -m comb_jax.encode_corpus`).
+"""Offline corpus encoding into the persistent PICache store (`python -m comb_jax.serving.encode_corpus`).
 
 Input: JSONL, one document per line, either a JSON string or {"id": name, "text": ...}. Each document is encoded
 once (documents already in the store are skipped) by the same code the server runs (`Scheduler.encode_documents`),

@@ -25,10 +25,10 @@ from typing import Callable
 import jax
 import numpy as np
 
-from comb_jax.decode import prefill
-from comb_jax.engine import Engine, Request, prefill_with_pages
-from comb_jax.pool import Entry, PoolFullError, RequestError, bucket_for, write_chunks
+from comb_jax.model.decode import prefill
+from comb_jax.serving.engine import Engine, Request, prefill_with_pages
 from comb_jax.serving.metrics import TIERS, ServerMetrics
+from comb_jax.serving.pool import Entry, PoolFullError, RequestError, bucket_for, write_chunks
 from comb_jax.serving.protocol import APIError, Document, Generation
 from comb_jax.serving.slots import decode_step, init_slots, insert
 from comb_jax.serving.store import (

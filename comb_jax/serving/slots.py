@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from comb_jax.config import ModelConfig
-from comb_jax.decode import sample
-from comb_jax.model import CrossContext, KVCache, forward, init_kv_cache, lm_logits
+from comb_jax.model.decode import sample
+from comb_jax.model.transformer import CrossContext, KVCache, forward, init_kv_cache, lm_logits
 
 
 class SlotState(NamedTuple):

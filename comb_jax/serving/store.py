@@ -6,7 +6,7 @@ and whatever else the pool keeps per page, such as int8 scales), so a quantized 
 - Device -> host: the pool evicts an idle entry; `PICacheStore.spill` keeps its arrays in host memory (LRU,
   bounded by `host_bytes`) instead of dropping them.
 - Disk: every entry the server encodes is written through to disk in the background, so a restarted server
-  (or `python -m comb_jax.encode_corpus`) finds it. A hit on host or disk is promoted back into the pool.
+  (or `python -m comb_jax.serving.encode_corpus`) finds it. A hit on host or disk is promoted back into the pool.
 - Disk layout: ROOT/<fingerprint[:24]>/<key>/ with meta.json (ids, shapes, dtypes, sha256 checksum) and one
   zarr array per name. A write goes to a `.tmp-<pid>-...` directory renamed into place when complete, so a
   process killed mid-write leaves only a temp directory, never a half entry; a read recomputes the checksum.

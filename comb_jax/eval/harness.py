@@ -47,15 +47,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax import data, quant
-from comb_jax.checkpoint import load_params
 from comb_jax.config import load_config
-from comb_jax.metrics import contains_answer, qa_f1, rouge_l
-from comb_jax.model import PICache, encode, forward, lm_logits
-from comb_jax.pic_modes import DECODER_MODES, MODES, PicRunner, Segments, attention_similarity, context_attention
+from comb_jax.eval.metrics import contains_answer, qa_f1, rouge_l
+from comb_jax.eval.pic_modes import DECODER_MODES, MODES, PicRunner, Segments, attention_similarity, context_attention
+from comb_jax.model.transformer import PICache, encode, forward, lm_logits
+from comb_jax.serving import quant
+from comb_jax.training import data
+from comb_jax.training.checkpoint import load_params
 
-log = logging.getLogger("comb_jax.eval")
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+log = logging.getLogger("comb_jax.eval.harness")
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 CONTEXT_MARK = "<<CONTEXT>>"
 PASSES = ("original", "shuffled")
 
@@ -530,7 +531,7 @@ def main(argv=None) -> dict:
                                      include_unanswerable=args.include_unanswerable)
     params = load_params(cfg, args.checkpoint)
     if "kvpacket" in modes:
-        from comb_jax import kvpacket
+        from comb_jax.eval import kvpacket
 
         if not args.kvpacket:  # like Comb without a checkpoint: runs, but untrained (P = 0: exactly naive reuse)
             log.warning("mode kvpacket without --kvpacket: no trailer tokens, the mode equals naive reuse")
@@ -554,6 +555,3 @@ def main(argv=None) -> dict:
     print(markdown_table(results))
     return results
 
-
-if __name__ == "__main__":
-    main()

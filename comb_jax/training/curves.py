@@ -1,6 +1,7 @@
 """Training curves of one or more runs from their `metrics.jsonl`, side by side in one PNG.
 
-    python -m comb_jax.curves runs/smollm2_warm runs/smollm2_random --out docs/training_curves.png [--smooth 10]
+    python -m comb_jax.training.curves runs/smollm2_warm runs/smollm2_random --out docs/training_curves.png \\
+        [--smooth 10]
 
 Panels: training loss (moving average over `--smooth` steps) against step; the periodic eval loss and F1 (against
 the gold answers and against the training targets); reading (answer containment and context gap closed, when the
@@ -85,7 +86,7 @@ def plot_runs(run_dirs: list[str], out: str | Path, smooth: int = 10) -> Path:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(prog="python -m comb_jax.curves", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m comb_jax.training.curves", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="train.py run dirs")
     ap.add_argument("--out", default="training_curves.png")
     ap.add_argument("--smooth", type=int, default=10, help="moving-average window of the training loss")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax import quant
+from comb_jax.serving import quant
 
 
 def relative_distances(new_k, new_v, pages_k, pages_v, valid: int):

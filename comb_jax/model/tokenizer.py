@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from comb_jax.weights import embedded_gguf_path
+from comb_jax.model.weights import embedded_gguf_path
 
 CACHE_DIR = Path(os.environ.get("COMB_JAX_CACHE", Path.home() / ".cache" / "comb_jax"))
 

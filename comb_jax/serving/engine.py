@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import Config, MeshConfig
-from comb_jax.decode import decode_loop, prefill
-from comb_jax.layout import model_layout
-from comb_jax.model import PICache, cross_context
-from comb_jax.pool import (
+from comb_jax.model.decode import decode_loop, prefill
+from comb_jax.model.layout import model_layout
+from comb_jax.model.sharding import make_mesh, shard_params
+from comb_jax.model.transformer import PICache, cross_context
+from comb_jax.serving.pool import (
     Entry,
     PagePool,
     PoolFullError,
@@ -45,7 +46,6 @@ from comb_jax.pool import (
     gather_context,
     write_chunks,
 )
-from comb_jax.sharding import make_mesh, shard_params
 
 # ---------------------------------------------------------------------------------------------------------
 # Compilation counting: jax records one backend-compile event per XLA compilation (cache hits record none).

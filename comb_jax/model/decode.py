@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from comb_jax.config import ModelConfig
-from comb_jax.model import CrossContext, KVCache, PICache, cross_context, forward, init_kv_cache, lm_logits
+from comb_jax.model.transformer import CrossContext, KVCache, PICache, cross_context, forward, init_kv_cache, lm_logits
 
 
 class DecodeState(NamedTuple):

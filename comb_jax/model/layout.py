@@ -93,7 +93,7 @@ def model_layout(cfg: ModelConfig) -> dict:
 
 def trainable_layout(cfg) -> tuple[str, dict]:
     """(params key, layout) of what `train.objective` trains over the frozen backbone (a full `Config`): the Comb
-    encoder and cross blocks ("comb"), or the KV Packet adapter ("kvpacket": P trailer embeddings, kvpacket.py)."""
+    encoder and cross blocks ("comb"), or the KV Packet adapter ("kvpacket": P trailer embeddings, eval/kvpacket.py)."""
     if cfg.train.objective == "kvpacket":
         return "kvpacket", {"trailer": Param((cfg.train.kvpacket_tokens, cfg.model.hidden), (None, "embed"))}
     return "comb", model_layout(cfg.model)["comb"]

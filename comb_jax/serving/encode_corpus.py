@@ -1,6 +1,7 @@
 """Encode a corpus into the persistent PICache store ahead of serving.
 
-    python -m comb_jax.encode_corpus --config smollm2_comb --input docs.jsonl [--checkpoint DIR] [--store-dir DIR]
+    python -m comb_jax.serving.encode_corpus --config smollm2_comb --input docs.jsonl \\
+        [--checkpoint DIR] [--store-dir DIR]
 
 docs.jsonl: one document per line, a JSON string or {"id", "text"}. A server started afterwards with the same
 model, tokenizer and --store-dir (`serve.py --http`) serves these documents from disk without encoding them.
@@ -19,7 +20,7 @@ from comb_jax.serving.app import DEFAULT_STORE_DIR
 
 
 def main(argv=None) -> int:
-    ap = Parser(prog="python -m comb_jax.encode_corpus", description=__doc__,
+    ap = Parser(prog="python -m comb_jax.serving.encode_corpus", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="smollm2_pointer")
     ap.add_argument("--input", required=True, help="documents JSONL")
@@ -28,10 +29,10 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args(argv)
 
-    from comb_jax.checkpoint import load_model
-    from comb_jax.data import make_codec
     from comb_jax.serving.app import build_server
     from comb_jax.serving.corpus import encode_corpus, read_corpus
+    from comb_jax.training.checkpoint import load_model
+    from comb_jax.training.data import make_codec
 
     cfg = load_config(args.config, args.overrides)
     documents = read_corpus(args.input)  # before the model loads: a bad file fails at once
@@ -46,4 +47,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, "python -m comb_jax.encode_corpus"))
+    sys.exit(run(main, "python -m comb_jax.serving.encode_corpus"))

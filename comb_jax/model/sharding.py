@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from comb_jax.config import MeshConfig
-from comb_jax.layout import Param, is_param
+from comb_jax.model.layout import Param, is_param
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax.layout import init_params, model_layout
+from comb_jax.model.layout import init_params, model_layout
 
 
 def random_comb(cfg, key) -> dict:
@@ -77,7 +77,7 @@ def init_comb(cfg, backbone, key) -> dict:
 
         comb = jax.tree.map(jnp.asarray, load_shipped(cfg))
     elif tc.init_checkpoint:
-        from comb_jax.checkpoint import restore_comb_params
+        from comb_jax.training.checkpoint import restore_comb_params
 
         comb = jax.tree.map(jnp.asarray, restore_comb_params(tc.init_checkpoint, cfg, prefer="latest"))
     elif tc.init == "random":

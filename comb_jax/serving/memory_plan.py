@@ -19,11 +19,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from comb_jax import quant
 from comb_jax.config import Config
-from comb_jax.layout import init_params, model_layout
-from comb_jax.model import CrossContext, init_kv_cache
-from comb_jax.pool import page_bytes, pool_pages
+from comb_jax.model.layout import init_params, model_layout
+from comb_jax.model.transformer import CrossContext, init_kv_cache
+from comb_jax.serving import quant
+from comb_jax.serving.pool import page_bytes, pool_pages
 
 DOCUMENT_TOKENS = 1024
 

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import ModelConfig
-from comb_jax.model import block, cast, forward, init_kv_cache, lm_logits, rms_norm, rope_tables
-from comb_jax.pool import backbone_chunks
+from comb_jax.model.transformer import block, cast, forward, init_kv_cache, lm_logits, rms_norm, rope_tables
+from comb_jax.serving.pool import backbone_chunks
 
 NUM_TRAILER_TOKENS = 8  # default P
 
@@ -229,7 +229,7 @@ def packet_kv(runner, ids) -> tuple[np.ndarray, np.ndarray]:
 def answer_kvpacket(runner, seg):
     """Answer `seg` from packets: exact template-prefix KV, then each chunk's cached packet, no rotation; the
     question is prefilled behind the last packet slot. Returns a `pic_modes.Answer`."""
-    from comb_jax.pic_modes import assemble
+    from comb_jax.eval.pic_modes import assemble
 
     start = time.perf_counter()
     # the template prefix has no trailer: it lives in a backbone-KV pool beside the packets
@@ -249,7 +249,7 @@ def answer_kvpacket(runner, seg):
 
 def tokenize(example, codec, tc) -> dict:
     """Example -> the request's pieces as ids (exactly what the eval's decoder-side modes see) and its answer ids."""
-    from comb_jax.eval import build_segments
+    from comb_jax.eval.harness import build_segments
 
     seg = build_segments(codec, example.chunks, example.question, tc.max_chunk_tokens)
     answer = codec.answer_ids(example.answer)[: max(1, tc.max_decoder_tokens + 1 - len(seg.suffix))]
@@ -258,7 +258,7 @@ def tokenize(example, codec, tc) -> dict:
 
 
 def _bucket(n: int, buckets) -> int:
-    from comb_jax.data import _bucket as data_bucket
+    from comb_jax.training.data import _bucket as data_bucket
 
     return data_bucket(n, buckets, "kvpacket sequence")
 
@@ -366,7 +366,7 @@ def reading_nlls(cfg, backbone, adapter, examples, batch_size: int = 4) -> dict:
     naively ("naive", a packet with P = 0), as packets ("kvpacket"), and inline ("full"). gap_closed_X =
     (none - X) / (none - full), as eval.reading_nlls defines it for Comb; kl_X: KL(full prompt || X) per answer token,
     the training objective, held out."""
-    from comb_jax import data as data_lib
+    from comb_jax.training import data as data_lib
 
     tc = cfg.train
     codec = data_lib.make_codec(cfg)
@@ -398,16 +398,16 @@ def reading_nlls(cfg, backbone, adapter, examples, batch_size: int = 4) -> dict:
 
 
 def main(argv=None):
-    """`python -m comb_jax.kvpacket --config C --reading DATASET --adapter RUN`: the teacher-forced reading NLLs of a
-    trained trailer (training is `python train.py --config smollm2_kvpacket`)."""
+    """`python -m comb_jax.eval.kvpacket --config C --reading DATASET --adapter RUN`: the teacher-forced reading NLLs
+    of a trained trailer (training is `python train.py --config smollm2_kvpacket`)."""
     import argparse
 
     from comb_jax.config import load_config
-    from comb_jax.eval import DEFAULT_DATA_DIR as EVAL_DATA_DIR
-    from comb_jax.eval import load_examples
-    from comb_jax.weights import load_backbone
+    from comb_jax.eval.harness import DEFAULT_DATA_DIR as EVAL_DATA_DIR
+    from comb_jax.eval.harness import load_examples
+    from comb_jax.model.weights import load_backbone
 
-    ap = argparse.ArgumentParser(prog="python -m comb_jax.kvpacket",
+    ap = argparse.ArgumentParser(prog="python -m comb_jax.eval.kvpacket",
                                  description="Reading NLLs of a KV Packet adapter (train one with train.py)")
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")

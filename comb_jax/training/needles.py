@@ -1,10 +1,10 @@
 """A needle set that only reading can answer: invented facts inside real paragraphs, among distractors.
 
-    python -m comb_jax.needles --source dev --count 300 --out runs/needles_dev.jsonl    # held-out (eval)
-    python -m comb_jax.needles --source train --count 4000 --out runs/needles_train.jsonl
-    python -m comb_jax.needles --task copy --source train --count 2000 --out runs/copy_train.jsonl  # copy proxy
-    python -m comb_jax.needles --task squad --source train --count 4000 --out runs/squad_train.jsonl  # real QA
-    python -m comb_jax.needles --task mix --source train --count 6000 --out runs/mix_train.jsonl  # both, shuffled
+    python -m comb_jax.training.needles --source dev --count 300 --out runs/needles_dev.jsonl    # held-out (eval)
+    python -m comb_jax.training.needles --source train --count 4000 --out runs/needles_train.jsonl
+    python -m comb_jax.training.needles --task copy --source train --count 2000 --out runs/copy_train.jsonl  # copy
+    python -m comb_jax.training.needles --task squad --source train --count 4000 --out runs/squad_train.jsonl  # real QA
+    python -m comb_jax.training.needles --task mix --source train --count 6000 --out runs/mix_train.jsonl  # both
 
 Each example takes a real SQuAD paragraph, inserts one invented fact (a made-up name, year, code or place that no
 model can know) at a sentence boundary, adds `distractors` paragraphs from other articles as separate chunks, and
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 SOURCES = {"dev": "squad_v2_dev_cs224n/dev-v2.0.json", "train": "squad_train/train-v1.1-explorer-reconstructed.json"}
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st", "th"]
@@ -146,7 +146,7 @@ def squad_qa_examples(data_dir: str | Path, source: str, count: int, seed: int =
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m comb_jax.needles", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m comb_jax.training.needles", description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default="dev", choices=sorted(SOURCES))
     ap.add_argument("--task", default="needle", choices=["needle", "copy", "squad", "mix"],
                     help="needle QA, the copy proxy, real SQuAD QA with distractor chunks, or needle + squad "

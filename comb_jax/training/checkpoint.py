@@ -18,9 +18,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from comb_jax.layout import abstract_params, check_shapes, model_layout
+from comb_jax.model.layout import abstract_params, check_shapes, model_layout
 
-log = logging.getLogger("comb_jax.checkpoint")
+log = logging.getLogger("comb_jax.training.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -242,8 +242,8 @@ def load_params(cfg, checkpoint: str | None) -> dict:
     parameters (gates 0): the model then answers exactly like its backbone and ignores the chunks (a warning).
     """
     from comb_jax import shipped
-    from comb_jax.warm_start import random_comb
-    from comb_jax.weights import load_backbone
+    from comb_jax.model.weights import load_backbone
+    from comb_jax.training.warm_start import random_comb
 
     backbone = load_backbone(cfg)
     fresh = checkpoint is not None and checkpoint.strip().lower() == "none"

@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax import quant
 from comb_jax.config import ModelConfig, ServeConfig
-from comb_jax.joint_pages import PageSharing
-from comb_jax.model import encode, forward, init_kv_cache
-from comb_jax.sharding import logical_sharding
+from comb_jax.model.sharding import logical_sharding
+from comb_jax.model.transformer import encode, forward, init_kv_cache
+from comb_jax.serving import quant
+from comb_jax.serving.joint_pages import PageSharing
 
 POOL_AXES = ("layers", "pages", "page_tokens", "kv_heads", "head_dim")
 

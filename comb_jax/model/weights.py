@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from comb_jax.config import ModelConfig, RopeScaling
-from comb_jax.layout import Param, is_param, model_layout
+from comb_jax.model.layout import Param, is_param, model_layout
 
 # (our key inside a block, HF suffix, number of input axes or None for vectors)
 LLAMA_BLOCK = (
@@ -277,7 +277,7 @@ def load_gguf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
 
 def load_backbone(cfg, dtype=np.float32):
     """Backbone params for a Config: from `weights.source` (random | gguf | hf)."""
-    from comb_jax.layout import init_params
+    from comb_jax.model.layout import init_params
 
     w = cfg.weights
     if w.source == "gguf":

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from comb_jax import checkpoint as ckpt
-from comb_jax import data as data_lib
-from comb_jax.layout import abstract_params, count_params, model_layout, trainable_layout
-from comb_jax.model import PICache, encode, forward_with_taps, lm_logits, rms_norm
-from comb_jax.sharding import logical_sharding, make_mesh, param_shardings, replicated
+from comb_jax.model.layout import abstract_params, count_params, model_layout, trainable_layout
+from comb_jax.model.sharding import logical_sharding, make_mesh, param_shardings, replicated
+from comb_jax.model.transformer import PICache, encode, forward_with_taps, lm_logits, rms_norm
+from comb_jax.training import checkpoint as ckpt
+from comb_jax.training import data as data_lib
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 # Dense bf16 peak FLOP/s per device, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12,
               "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
@@ -127,7 +127,7 @@ def objective_loss(comb, backbone, batch, cfg):
     if cfg.train.objective == "kv":
         return kv_distill_loss(comb, backbone, batch, cfg)
     if cfg.train.objective == "kvpacket":
-        from comb_jax.kvpacket import kvpacket_loss
+        from comb_jax.eval.kvpacket import kvpacket_loss
 
         loss, metrics = kvpacket_loss(comb, backbone, batch, cfg, kl_weight=1.0,
                                       ce_weight=cfg.train.kvpacket_ce_weight)
@@ -348,9 +348,9 @@ def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_n
     the first and not the second. `reference` (a dict kept by the caller) caches the no-context and full-prompt
     NLLs, which do not change during training.
     """
-    from comb_jax.decode import generate
-    from comb_jax.eval import reading_nlls
-    from comb_jax.metrics import contains_answer, qa_f1
+    from comb_jax.eval.harness import reading_nlls
+    from comb_jax.eval.metrics import contains_answer, qa_f1
+    from comb_jax.model.decode import generate
 
     dtype = jnp.dtype(cfg.compute_dtype)
     params = {"backbone": backbone, "comb": state.comb}
@@ -447,8 +447,8 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     """
     from tqdm import tqdm
 
-    from comb_jax.warm_start import init_comb
-    from comb_jax.weights import load_backbone
+    from comb_jax.model.weights import load_backbone
+    from comb_jax.training.warm_start import init_comb
 
     tc = cfg.train
     if cfg.model.context_encoding != "per_chunk" or cfg.model.context_bos:
@@ -467,7 +467,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     train_ex, eval_ex = examples
     trainable, trainable_tree = trainable_layout(cfg)
     if trainable == "kvpacket":
-        from comb_jax import kvpacket
+        from comb_jax.eval import kvpacket
     iterator = (kvpacket.train_iterator(train_ex, codec, tc, tc.seed) if trainable == "kvpacket"
                 else data_lib.train_iterator(train_ex, codec, tc))
 

@@ -19,7 +19,7 @@ the decoder's KV cache, slot for slot, and differ only in how the context slots 
 - "comb": each chunk is encoded by the Comb encoder into a PICache (cached per chunk), the PICaches are
   concatenated, and only `comb_prompt` (the question alone, chat-templated) is prefilled through the cross
   blocks. The context never enters the decoder's KV cache.
-- "kvpacket": KV Packet (comb_jax/kvpacket.py): "naive"'s per-chunk backbone KV, each followed by the KV of a few
+- "kvpacket": KV Packet (comb_jax/eval/kvpacket.py): "naive"'s per-chunk backbone KV, each followed by the KV of a few
   trained soft tokens (computed once per chunk, cached with it), with no rotation or recomputation.
 
 The chunk caches of naive / rerotate / epic / kvpacket / comb (and the template-prefix entries the chunk-reuse modes
@@ -48,10 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import MeshConfig, ModelConfig, ServeConfig
-from comb_jax.decode import DecodeState, decode_loop
-from comb_jax.model import KVCache, PICache, apply_rope, forward, init_kv_cache, lm_logits, rope_tables
-from comb_jax.pool import PagePool, backbone_chunks, comb_chunks, gather_tokens
-from comb_jax.sharding import make_mesh
+from comb_jax.model.decode import DecodeState, decode_loop
+from comb_jax.model.sharding import make_mesh
+from comb_jax.model.transformer import KVCache, PICache, apply_rope, forward, init_kv_cache, lm_logits, rope_tables
+from comb_jax.serving.pool import PagePool, backbone_chunks, comb_chunks, gather_tokens
 
 MODES = ("full", "prefix", "naive", "rerotate", "epic", "comb", "kvpacket")
 # the context sits in the decoder's KV cache slot for slot ("kvpacket" adds trailer slots, so it is not one of them)
@@ -231,7 +231,7 @@ class PicRunner:
             if kind == "comb":
                 processor, layers, pic_dtype = comb_chunks, self.cfg.num_cross_layers, self.pic_dtype
             elif kind == "packet":
-                from comb_jax.kvpacket import num_tokens, packet_chunks
+                from comb_jax.eval.kvpacket import num_tokens, packet_chunks
 
                 processor, extra = packet_chunks, num_tokens(self.params["kvpacket"])
             else:
@@ -434,7 +434,7 @@ class PicRunner:
         return self._chunk_reuse(seg, "epic")
 
     def _kvpacket(self, seg: Segments) -> Answer:
-        from comb_jax.kvpacket import answer_kvpacket
+        from comb_jax.eval.kvpacket import answer_kvpacket
 
         return answer_kvpacket(self, seg)
 

@@ -188,7 +188,7 @@ class Codec:
         if tok is None:
             self.stop_ids: tuple[int, ...] = (0,)
         else:
-            from comb_jax.tokenizer import stop_ids
+            from comb_jax.model.tokenizer import stop_ids
 
             self.stop_ids = stop_ids(tok)
 
@@ -200,7 +200,7 @@ class Codec:
         """Ids of user text (chunks, answers): a control token's spelling inside it is text, never control."""
         if self.tok is None:
             return list(text.encode("utf-8"))
-        from comb_jax.tokenizer import text_ids
+        from comb_jax.model.tokenizer import text_ids
 
         return text_ids(self.tok, text)
 
@@ -224,7 +224,7 @@ class Codec:
         """The student's prompt: the question alone (its context arrives as PICaches)."""
         if self.tok is None:
             return self.encode(f"Q: {question}\nA: ")
-        from comb_jax.tokenizer import chat_prompt_ids
+        from comb_jax.model.tokenizer import chat_prompt_ids
 
         return chat_prompt_ids(self.tok, question)
 
@@ -249,7 +249,7 @@ def make_codec(cfg) -> Codec:
         if cfg.model.vocab_size < 256:
             raise DataError(f"the byte-level toy tokenizer needs vocab_size >= 256, config has {cfg.model.vocab_size}")
         return Codec(None)
-    from comb_jax.tokenizer import load_tokenizer
+    from comb_jax.model.tokenizer import load_tokenizer
 
     return Codec(load_tokenizer(cfg))
 
@@ -260,7 +260,7 @@ def make_codec(cfg) -> Codec:
 
 def backbone_fingerprint(backbone) -> str:
     """sha256 over every backbone array (names, shapes, bytes): identifies the weights the teacher used."""
-    from comb_jax.layout import flatten_names
+    from comb_jax.model.layout import flatten_names
 
     h = hashlib.sha256()
     for name, leaf in sorted(flatten_names(backbone).items()):
@@ -297,7 +297,7 @@ def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_pa
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from comb_jax.decode import generate
+    from comb_jax.model.decode import generate
 
     cache_path = Path(cache_path)
     provenance = teacher_provenance(cfg, codec, backbone_fingerprint(params["backbone"]), examples)
