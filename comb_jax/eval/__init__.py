@@ -5,5 +5,6 @@
 - `kvpacket`: the KV Packet reuse method (trained by `training.trainer`, served by `pic_modes`).
 - `metrics`: QA F1, answer containment and Rouge-L (the server's Prometheus metrics are `serving.metrics`).
 
-Builds on `model` and on `serving`'s page pool.
+Builds on `model`, on `serving`'s page pool (every mode's chunk caches live in it) and on `training`'s data
+(`Codec`, examples) and checkpoints; the trainer in turn calls back into `harness` and `kvpacket`.
 """

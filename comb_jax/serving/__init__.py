@@ -13,5 +13,6 @@
 - `corpus`, `encode_corpus`: offline encoding of a JSONL corpus into the store
   (`python -m comb_jax.serving.encode_corpus`).
 
-Builds on `model`; `serve.py` is its thin command line.
+Builds on `model`; loads what `training` wrote (`training.checkpoint.load_model`) and encodes text with its
+`Codec` (`training.data.make_codec`). `serve.py` is its thin command line.
 """
