@@ -3,20 +3,12 @@ trailer adapter (`params["kvpacket"]`, comb_jax/eval/kvpacket.py) from the full 
 `--modes kvpacket --kvpacket RUN_DIR`."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
-
-def _smollm2_comb():
-    path = Path(__file__).with_name("smollm2_comb.py")  # configs/ is not a package: load the sibling by path
-    spec = importlib.util.spec_from_file_location("comb_configs.smollm2_comb", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.config()
+from comb_jax.config import load_config
 
 
 def config():
-    base = _smollm2_comb()
+    base = load_config("smollm2_comb")
     return dataclasses.replace(
         base, name="smollm2_kvpacket",
         train=dataclasses.replace(base.train, objective="kvpacket", kvpacket_tokens=8, targets="gold",

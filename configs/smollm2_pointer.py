@@ -2,20 +2,12 @@
 chunks (issue 11; docs/RESULTS.md). Its trained weights ship in comb_jax/shipped_models/smollm2_pointer/."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
-
-def _smollm2_comb():
-    path = Path(__file__).with_name("smollm2_comb.py")  # configs/ is not a package: load the sibling by path
-    spec = importlib.util.spec_from_file_location("comb_configs.smollm2_comb", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.config()
+from comb_jax.config import load_config
 
 
 def config():
-    base = _smollm2_comb()
+    base = load_config("smollm2_comb")
     return dataclasses.replace(
         base, name="smollm2_pointer",
         model=dataclasses.replace(base.model, num_cross_layers=1),
