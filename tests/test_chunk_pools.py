@@ -3,6 +3,7 @@ keeping every mode's chunk caches in pools: what the pools hold is exactly what 
 answers do not change, and joint encoding that fuses nothing changes nothing."""
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,15 @@ def test_backbone_pool_pages_are_chunk_kv_exactly(tiny_cfg, tiny_params):
             np.testing.assert_array_equal(got, want)
 
 
+@partial(jax.jit, static_argnames=("cfg",))
+def one_trailer(params, doc_k, doc_v, doc_length, *, cfg):
+    """Reference: the trailer K/V behind one document alone. doc_k, doc_v [N, L, K, D]; doc_length [] ->
+    k, v [N, P, K, D]."""
+    k, v = kvpacket.trailer_kv(params["backbone"], params["kvpacket"], doc_k[:, None], doc_v[:, None],
+                               jnp.reshape(doc_length, (1,)), cfg)
+    return k[:, 0], v[:, 0]
+
+
 def test_packet_pool_pages_are_doc_kv_then_trailer(tiny_cfg, tiny_params):
     m, p = tiny_cfg.model, 3
     params = with_adapter(tiny_params, p)
@@ -78,7 +88,7 @@ def test_packet_pool_pages_are_doc_kv_then_trailer(tiny_cfg, tiny_params):
     for i, ids in enumerate(CHUNKS):
         n = len(ids)
         doc_k, doc_v = chunk_kv(params, _pad(ids, bucket(n)), jnp.int32(n), cfg=m)
-        tk, tv = kvpacket.packet_trailer(params, doc_k, doc_v, jnp.int32(n), cfg=m)
+        tk, tv = one_trailer(params, doc_k, doc_v, jnp.int32(n), cfg=m)
         want = (np.concatenate([np.asarray(doc_k[:, :n]), np.asarray(tk)], 1),
                 np.concatenate([np.asarray(doc_v[:, :n]), np.asarray(tv)], 1))
         for got, w in zip(read(pool, entries[i]), want):

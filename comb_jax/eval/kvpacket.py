@@ -129,15 +129,6 @@ def backbone_kv(backbone, tokens, cfg: ModelConfig, dtype=jnp.float32):
     return jax.lax.stop_gradient(cache.k), jax.lax.stop_gradient(cache.v)
 
 
-@partial(jax.jit, static_argnames=("cfg", "dtype"))
-def packet_trailer(params, doc_k, doc_v, doc_length, *, cfg: ModelConfig, dtype=jnp.float32):
-    """Serving: the trailer of one stored document. doc_k, doc_v [N, L, K, D] (padded); doc_length [] ->
-    k, v [N, P, K, D]."""
-    k, v = trailer_kv(params["backbone"], params["kvpacket"], doc_k[:, None], doc_v[:, None],
-                      jnp.reshape(doc_length, (1,)), cfg, dtype)
-    return k[:, 0], v[:, 0]
-
-
 def student_hidden(adapter, backbone, batch, cfg: ModelConfig, dtype=jnp.float32, remat: bool = False):
     """The KV Packet student on a training batch -> hidden [B, T, embed] at the query tokens.
 
