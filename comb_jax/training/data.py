@@ -44,6 +44,7 @@ class Example:
     question: str
     answer: str
     golds: tuple[str, ...]
+    tag: str = ""  # which set the example belongs to (a JSONL row's "set"): eval metrics are also given per tag
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def jsonl_examples(path: str | Path) -> list[Example]:
         if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
             raise DataError(f"{where}: 'question' and 'answer' must be strings")
         examples.append(Example(id=f"jsonl:{number}", chunks=tuple(chunks), question=row["question"],
-                                answer=row["answer"], golds=(row["answer"],)))
+                                answer=row["answer"], golds=(row["answer"],), tag=str(row.get("set", ""))))
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples

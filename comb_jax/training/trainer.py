@@ -357,6 +357,7 @@ def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_n
     encode_fn = jax.jit(lambda p, t, m: batch_picache(p, t, m, cfg, dtype))
     total_loss = total_tokens = 0.0
     f1_gold, f1_target, contain, samples = [], [], [], []
+    contain_by_tag: dict[str, list[float]] = {}
     for batch, real, part in data_lib.eval_batches(examples, codec, cfg.train):
         _, metrics = loss_step(state.comb, backbone, batch)
         total_loss += float(metrics["ce"]) * float(metrics["answer_tokens"])
@@ -375,11 +376,14 @@ def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_n
             f1_gold.append(qa_f1(answer, list(e.golds)))
             f1_target.append(qa_f1(answer, e.answer))
             contain.append(contains_answer(answer, list(e.golds)))
+            if e.tag:
+                contain_by_tag.setdefault(e.tag, []).append(contain[-1])
             if len(samples) < 3:
                 samples.append({"question": e.question, "answer": answer, "target": e.answer})
     reading = reading_nlls(params, cfg.model, codec, examples, cfg.train.max_chunk_tokens, dtype, cache=reference)
     return {"eval_loss": total_loss / max(total_tokens, 1.0), "eval_f1": float(np.mean(f1_gold)),
             "eval_f1_target": float(np.mean(f1_target)), "eval_contain": float(np.mean(contain)),
+            **{f"eval_contain_{tag}": float(np.mean(v)) for tag, v in sorted(contain_by_tag.items())},
             **{f"eval_{k}": reading[k] for k in ("nll_none", "nll_comb", "nll_full", "nll_comb_other", "gap_closed",
                                                  "reading_gap_closed")},
             "eval_samples": samples}
