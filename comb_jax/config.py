@@ -103,7 +103,7 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # "random" (release: N(0, 0.02)), "warm" (from decoder layers), "pointer" (training/warm_start.py)
+    # "random" (release: N(0, 0.02)), "warm" (from decoder layers), "pointer", "grow" (training/warm_start.py)
     init: str = "random"
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
@@ -333,7 +333,7 @@ RULES = {
     "mesh.data": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
     "mesh.fsdp": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
     "mesh.tensor": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
-    "train.init": _one_of("random", "warm", "pointer"), "train.learning_rate": _non_negative,
+    "train.init": _one_of("random", "warm", "pointer", "grow"), "train.learning_rate": _non_negative,
     "train.weight_decay": _non_negative, "train.warmup_steps": _non_negative,
     "train.schedule": _one_of("constant", "cosine"), "train.grad_clip": _positive,
     "train.gate_attn_lr_multiplier": _non_negative, "train.gate_mlp_lr_multiplier": _non_negative,

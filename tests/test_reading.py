@@ -188,3 +188,32 @@ def test_pointer_init_writes_the_attended_token_towards_its_lm_head_row(tiny_cfg
     expected = 0.5 * np.asarray(backbone["final_norm"]) * (proj @ (proj.T @ np.asarray(x_enc[0, 0])))
     delta = np.asarray(read[0, 0] - plain[0, 0])  # every prompt position gets the same write
     np.testing.assert_allclose(delta, np.broadcast_to(expected, delta.shape), rtol=1e-4, atol=1e-5)
+
+
+def test_grow_starts_from_the_one_block_comb_and_adds_reading_blocks_below(tiny_cfg, tmp_path):
+    """init=grow: with the new blocks' gates closed, the grown E=2 Comb gives the one-block Comb's logits exactly
+    (the new encoder block passes its input through; the last cross block is the trained one)."""
+    from comb_jax.training.warm_start import grow_comb, pointer_comb
+
+    one_cfg = toy_cfg(tiny_cfg, "model.num_cross_layers=1", "init=pointer")
+    two_cfg = toy_cfg(tiny_cfg, "model.num_cross_layers=2", "init=grow")
+    backbone = init_params(model_layout(one_cfg.model), jax.random.key(3))["backbone"]
+    one = pointer_comb(one_cfg, backbone, jax.random.key(1))
+    one["cross"]["gate_mlp"] = one["cross"]["gate_mlp"] + 0.4  # every part of the trained block acts
+    grown = grow_comb(two_cfg, backbone, one, jax.random.key(2))
+    np.testing.assert_allclose(np.tanh(np.asarray(grown["cross"]["gate_attn"][0])), 0.1, rtol=1e-5)
+    assert float(grown["cross"]["gate_mlp"][0]) == 0.0
+    closed = dict(grown, cross=dict(grown["cross"], gate_attn=grown["cross"]["gate_attn"].at[0].set(0.0)))
+    chunk = _tokens(2, 12)
+    prompt = _tokens(2, 6)
+    mask = jnp.ones(chunk.shape, bool)
+    logits = {}
+    for name, cfg, comb in (("one", one_cfg, one), ("grown", two_cfg, closed), ("open", two_cfg, grown)):
+        params = {"backbone": backbone, "comb": comb}
+        logits[name] = np.asarray(forward(params, prompt, cfg.model, encode(params, chunk, mask, cfg.model))[0])
+    np.testing.assert_array_equal(logits["grown"], logits["one"])
+    assert np.abs(logits["open"] - logits["one"]).max() > 1e-4  # the new block reads once its gate opens
+    with pytest.raises(ValueError, match="num_cross_layers must be >= 2"):
+        grow_comb(one_cfg, backbone, one, jax.random.key(2))
+    with pytest.raises(ValueError, match="init=grow needs train.init_checkpoint"):
+        init_comb(two_cfg, backbone, jax.random.key(0))

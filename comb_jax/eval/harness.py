@@ -52,7 +52,7 @@ from comb_jax.eval.metrics import contains_answer, qa_f1, rouge_l
 from comb_jax.eval.pic_modes import DECODER_MODES, MODES, PicRunner, Segments, attention_similarity, context_attention
 from comb_jax.model.transformer import PICache, encode, forward, lm_logits
 from comb_jax.serving import quant
-from comb_jax.training import data
+from comb_jax.training import data, needles
 from comb_jax.training.checkpoint import load_params
 
 log = logging.getLogger("comb_jax.eval.harness")
@@ -110,8 +110,14 @@ def load_examples(dataset: str, data_dir: Path, *, limit: int, seed: int, num_di
         examples, metric = data.xsum_examples(data_dir, "eval", max_chunk_chars), "rouge_l"
     elif dataset.startswith("jsonl:"):
         examples, metric = data.jsonl_examples(dataset[len("jsonl:"):]), "f1"
+    elif dataset in needles.READING_SETS:  # generated, seeded: the same requests for every model and mode
+        rows = needles.reading_set(dataset, data_dir, count=limit or 200, seed=seed)
+        examples = [data.Example(id=f"{dataset}:{i}", chunks=tuple(r["chunks"]), question=r["question"],
+                                 answer=r["answer"], golds=(r["answer"],), tag=r["set"]) for i, r in enumerate(rows)]
+        return examples, "f1"
     else:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: squad_multidoc, xsum, jsonl:PATH")
+        raise ValueError(f"unknown dataset {dataset!r}; valid: squad_multidoc, xsum, jsonl:PATH, "
+                         + ", ".join(needles.READING_SETS))
     if limit and limit < len(examples):  # a seeded sample, so that a small limit still spans articles
         keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
         examples = [examples[i] for i in keep]
@@ -426,6 +432,22 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_COLUMNS = [("contain_original", "contain"), ("contain_shuffled", "contain (shuffled)"),
+                   ("score_original", "F1/Rouge-L vs gold"), ("score_vs_full", "vs full's answer"),
+                   ("same_answer_across_orders", "same answer both orders")]
+
+
+def summary_table(every: dict) -> str:
+    """One row per (dataset, mode) of several `run_eval` results: the reading suite's table."""
+    head = ["set", "requests", "mode"] + [h for _, h in SUMMARY_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for dataset, results in every.items():
+        for mode, s in results["modes"].items():
+            cells = [dataset, str(results["requests"]), mode] + [_cell(s.get(k)) for k, _ in SUMMARY_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict, path: Path):
     import matplotlib
 
@@ -491,7 +513,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m comb_jax.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="configs/NAME.py")
     ap.add_argument("--checkpoint", default=None, help="training run dir (default: fresh Comb params, gates 0)")
-    ap.add_argument("--dataset", default="squad_multidoc", help="squad_multidoc | xsum | jsonl:PATH")
+    ap.add_argument("--dataset", default="squad_multidoc",
+                    help="squad_multidoc | xsum | jsonl:PATH | the held-out reading sets wording | distractors | "
+                         "style (never trained on); several, comma-separated, run one after another into OUT/NAME/ "
+                         "with one summary table in OUT/summary.md")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     ap.add_argument("--limit", type=int, default=16, help="number of requests (0: all)")
     ap.add_argument("--out", default="runs/eval", help="output directory")
@@ -525,10 +550,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--limit must be >= 0, got {args.limit}")
     cfg = load_config(args.config, args.overrides)
     codec = data.make_codec(cfg)
-    examples, metric = load_examples(args.dataset, Path(args.data_dir), limit=args.limit, seed=args.seed,
-                                     num_distractors=args.num_distractors,
-                                     max_chunk_chars=cfg.serve.max_chunk_tokens * 4,
-                                     include_unanswerable=args.include_unanswerable)
+    datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    loaded = {d: load_examples(d, Path(args.data_dir), limit=args.limit, seed=args.seed,
+                               num_distractors=args.num_distractors, max_chunk_chars=cfg.serve.max_chunk_tokens * 4,
+                               include_unanswerable=args.include_unanswerable) for d in datasets}
     params = load_params(cfg, args.checkpoint)
     if "kvpacket" in modes:
         from comb_jax.eval import kvpacket
@@ -542,16 +567,24 @@ def main(argv=None) -> dict:
                        dtype=jnp.dtype(cfg.compute_dtype), pic_dtype=cfg.serve.pic_dtype,
                        joint_threshold=args.joint_threshold, joint_page_tokens=args.joint_page_tokens)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = run_eval(runner, codec, examples, modes, metric=metric, max_chunk_tokens=cfg.serve.max_chunk_tokens,
-                       seed=args.seed, records_path=out / "requests.jsonl", progress=not args.no_progress,
-                       reading=not args.no_reading)
-    results.update(kvpacket=args.kvpacket, joint_threshold=args.joint_threshold,
-                   joint_page_tokens=args.joint_page_tokens)
-    results.update(config=cfg.name, checkpoint=args.checkpoint, dataset=args.dataset, epic_k=args.epic_k,
-                   max_new_tokens=runner.max_new_tokens, compute_dtype=cfg.compute_dtype, pic_dtype=cfg.serve.pic_dtype,
-                   command="python -m comb_jax.eval " + " ".join(sys.argv[1:] if argv is None else argv))
-    write_reports(results, out)
-    print(markdown_table(results))
-    return results
+    every = {}
+    for dataset, (examples, metric) in loaded.items():
+        where = out / dataset.replace(":", "_").replace("/", "_") if len(loaded) > 1 else out
+        where.mkdir(parents=True, exist_ok=True)
+        results = run_eval(runner, codec, examples, modes, metric=metric, max_chunk_tokens=cfg.serve.max_chunk_tokens,
+                           seed=args.seed, records_path=where / "requests.jsonl", progress=not args.no_progress,
+                           reading=not args.no_reading)
+        results.update(kvpacket=args.kvpacket, joint_threshold=args.joint_threshold,
+                       joint_page_tokens=args.joint_page_tokens)
+        results.update(config=cfg.name, checkpoint=args.checkpoint, dataset=dataset, epic_k=args.epic_k,
+                       max_new_tokens=runner.max_new_tokens, compute_dtype=cfg.compute_dtype,
+                       pic_dtype=cfg.serve.pic_dtype,
+                       command="python -m comb_jax.eval " + " ".join(sys.argv[1:] if argv is None else argv))
+        write_reports(results, where)
+        print(markdown_table(results))
+        every[dataset] = results
+    if len(every) > 1:
+        (out / "summary.md").write_text(summary_table(every))
+        print(summary_table(every))
+    return results if len(every) == 1 else every
 

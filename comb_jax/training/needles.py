@@ -298,7 +298,7 @@ def reading_examples(data_dir: str | Path, source: str, count: int, *, family: s
     Each request states between facts[0] and facts[1] facts of ONE kind about different invented entities, in
     different chunks where there are enough, worded from `family`; the question asks about one entity. With
     probability `lowercase` the whole request (chunks and question) is lower-cased. Lines as `needle_examples`,
-    plus "set" fields: family, number of same-kind facts."""
+    plus "set" (family and number of same-kind facts) and "facts" ([entity, value] of each stated fact)."""
     if family not in _FAMILIES:
         raise ValueError(f"unknown template family {family!r}; valid: {', '.join(_FAMILIES)}")
     passages = (_xsum_passages(data_dir, max_chars) if source == "xsum"
@@ -318,7 +318,7 @@ def reading_examples(data_dir: str | Path, source: str, count: int, *, family: s
         stated = []
         for f in range(n_facts):
             entity, value = fact_entity_value(kind, rng)
-            while entity in entities:
+            while entity in entities or value in {v for _, v in stated}:  # each fact tells its entity apart
                 entity, value = fact_entity_value(kind, rng)
             entities.add(entity)
             stated.append((entity, value))
@@ -329,8 +329,10 @@ def reading_examples(data_dir: str | Path, source: str, count: int, *, family: s
         if rng.random() < lowercase:
             texts, question, answer = [t.lower() for t in texts], question.lower(), answer.lower()
         order = rng.permutation(chunks)
+        if lowercase and question.islower():
+            stated = [(e.lower(), v.lower()) for e, v in stated]
         rows.append({"chunks": [texts[k] for k in order], "question": question, "answer": answer, "kind": kind,
-                     "set": f"{family}:{n_facts}facts"})
+                     "set": f"{family}:{n_facts}facts", "facts": [list(f) for f in stated]})
     return rows
 
 

@@ -10,12 +10,20 @@
   token j adds (a projection of) the LM-head row of j's embedding to the residual stream: the attention logits
   get a clean gradient ("attend where the next token is") instead of noise through a random or zero o_proj.
   q_proj / k_proj are small random; the attention gates open at `init_attn_gate` (0.5 when left at 0).
+- "grow" [beyond the release]: a deeper Comb from a trained one-block Comb (`init_checkpoint`: a run dir, or
+  `shipped:smollm2_pointer` for that config's shipped weights), starting from what it already reads: the last cross block (before the last decoder layer) and
+  its k/v projections are the trained block's; encoder block 0 is the trained encoder block, the new encoder blocks
+  are decoder layers with their output projections (attention o_proj, MLP down) zero, so every encoder block
+  passes the trained block's output through unchanged at step 0; the new cross blocks below are `pointer` blocks
+  with their attention gates at tanh `init_attn_gate` (0.1 when left at 0): near the trained model, with a gradient.
 - `train.init_checkpoint`: start from a checkpoint's comb params instead (e.g. after a `objective=kv` stage).
 - `train.init_attn_gate` > 0: attention gates open; `train.zero_cross_out`: cross o_proj zero (`open_attention_gates`).
 - `train.init_qk_norm`: the cross q_norm / k_norm weights (the attention's logit scale) at init.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +68,28 @@ def pointer_comb(cfg, backbone, key) -> dict:
     return {"encoder": encoder, "cross": cross}
 
 
+def grow_comb(cfg, backbone, one_block: dict, key) -> dict:
+    """E-block Comb params of `init="grow"` from a trained one-block Comb `one_block` (see the module docstring)."""
+    m = cfg.model
+    n = m.num_cross_layers
+    if n < 2:
+        raise ValueError(f"init=grow adds cross blocks: model.num_cross_layers must be >= 2, got {n}")
+    dtype = jnp.dtype(cfg.param_dtype)
+    comb = pointer_comb(cfg, backbone, key)
+    last = lambda new, old: new.at[n - 1].set(jnp.asarray(old[0], dtype))  # noqa: E731
+    layers = dict(comb["encoder"]["layers"])
+    layers = {k: v.at[0].set(jnp.asarray(one_block["encoder"]["layers"][k][0], dtype)) for k, v in layers.items()}
+    layers["wo"] = layers["wo"].at[1:].set(0.0)  # new encoder blocks: identity at step 0
+    layers["w_down"] = layers["w_down"].at[1:].set(0.0)
+    encoder = {"layers": layers, "k_proj": last(comb["encoder"]["k_proj"], one_block["encoder"]["k_proj"]),
+               "v_proj": last(comb["encoder"]["v_proj"], one_block["encoder"]["v_proj"])}
+    gate = np.arctanh(cfg.train.init_attn_gate or 0.1)
+    cross = {k: last(v, one_block["cross"][k]) for k, v in comb["cross"].items()}
+    cross["gate_attn"] = cross["gate_attn"].at[: n - 1].set(gate)
+    cross["gate_mlp"] = cross["gate_mlp"].at[: n - 1].set(0.0)
+    return {"encoder": encoder, "cross": cross}
+
+
 def open_attention_gates(comb: dict, tanh_gate: float, zero_out: bool) -> dict:
     """Attention gates at tanh = `tanh_gate`; `zero_out` also zeroes the cross o_proj, so the model still equals the
     backbone but the o_proj gets a gradient from the first step, and through it q, k_norm, the encoder and its k/v
@@ -72,10 +102,25 @@ def open_attention_gates(comb: dict, tanh_gate: float, zero_out: bool) -> dict:
 
 def init_comb(cfg, backbone, key) -> dict:
     tc = cfg.train
-    if tc.init_checkpoint == "shipped":  # the weights this config ships (comb_jax/shipped_models/NAME)
+    if tc.init == "grow":
+        if not tc.init_checkpoint:
+            raise ValueError("init=grow needs train.init_checkpoint: a one-block Comb (a run dir or shipped)")
+        one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_cross_layers=1))
+        if tc.init_checkpoint.split(":")[0] == "shipped":  # "shipped" (this config's) or "shipped:NAME"
+            from comb_jax.shipped import load_shipped
+
+            name = tc.init_checkpoint.partition(":")[2] or cfg.name
+            one_block = load_shipped(dataclasses.replace(one, name=name))
+        else:
+            from comb_jax.training.checkpoint import restore_comb_params
+
+            one_block = restore_comb_params(tc.init_checkpoint, one, prefer="latest")
+        return grow_comb(cfg, backbone, one_block, key)
+    if tc.init_checkpoint.split(":")[0] == "shipped":  # the weights this config (or NAME) ships
         from comb_jax.shipped import load_shipped
 
-        comb = jax.tree.map(jnp.asarray, load_shipped(cfg))
+        name = tc.init_checkpoint.partition(":")[2] or cfg.name
+        comb = jax.tree.map(jnp.asarray, load_shipped(dataclasses.replace(cfg, name=name)))
     elif tc.init_checkpoint:
         from comb_jax.training.checkpoint import restore_comb_params
 
