@@ -1,6 +1,8 @@
 """Train-step throughput (tokens/s, and MFU where the device's peak FLOP/s is known) on random weights.
 
     python bench/train_throughput.py [--configs tiny_comb smollm2_comb] [--steps 5] [--batch 4] [--out FILE]
+    python bench/train_throughput.py --configs smollm2_pointer --variants E1:model.num_cross_layers=1 \
+        E2:model.num_cross_layers=2 E3:model.num_cross_layers=3 --batch 8      # Comb layouts side by side
 
 Tokens per step count every chunk and decoder position of the fixed-shape batch (n chunks x chunk_len +
 decoder_len per row); FLOPs per step come from XLA's cost analysis of the compiled step.
@@ -29,7 +31,7 @@ def synthetic_batch(batch, chunks, chunk_len, decoder_len, vocab, seed=0):
             "targets": rng.integers(1, vocab, (batch, decoder_len), dtype=np.int32), "loss_mask": mask}
 
 
-def bench(name, steps, batch_size, overrides):
+def bench(name, steps, batch_size, overrides, variant=""):
     cfg = load_config(name, ["weights.source=random", f"batch_size={batch_size}", *overrides])
     mesh = make_mesh(cfg.mesh)
     tc = cfg.train
@@ -53,7 +55,8 @@ def bench(name, steps, batch_size, overrides):
     tokens = batch["chunk_tokens"].size + batch["tokens"].size
     flops = T.step_flops(compiled)
     peak = T.peak_flops(jax.devices()[0])
-    return {"config": name, "device": jax.devices()[0].device_kind, "devices": mesh.size,
+    return {"config": name + (f"[{variant}]" if variant else ""), "overrides": list(overrides),
+            "cross_layers": list(cfg.model.cross_layers), "device": jax.devices()[0].device_kind, "devices": mesh.size,
             "batch": {k: list(v.shape) for k, v in batch.items() if k in ("chunk_tokens", "tokens")},
             "compute_dtype": cfg.compute_dtype, "trainable_params": count_params(params["comb"]),
             "compile_s": round(compile_s, 1), "step_s": seconds, "tokens_per_s": tokens / seconds,
@@ -67,14 +70,21 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--out", default="bench/results/train_throughput_cpu.json")
+    p.add_argument("--variants", nargs="*", default=[""],
+                   help="NAME:key=value,key=value: each config once per variant with those overrides (layouts)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every config (e.g. compute_dtype=bfloat16)")
     args = p.parse_args()
-    rows = [bench(name, args.steps, args.batch, args.overrides) for name in args.configs]
-    print(f"{'config':14} {'device':22} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    rows = []
+    for name in args.configs:
+        for variant in args.variants:
+            label, _, extra = variant.partition(":")
+            rows.append(bench(name, args.steps, args.batch, [*args.overrides, *filter(None, extra.split(","))], label))
+    print(f"{'config':22} {'device':22} {'trainable':>11} {'step s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6}")
     for r in rows:
-        tf = f"{r['tflops_per_s']:.3f}" if r["tflops_per_s"] else "-"
+        tf = f"{r['flops_per_step'] / 1e12:.3f}" if r["flops_per_step"] else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        print(f"{r['config']:14} {r['device'][:22]:22} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {tf:>8} {mfu:>6}")
+        print(f"{r['config']:22} {r['device'][:22]:22} {r['trainable_params']:11,} {r['step_s']:8.3f} "
+              f"{r['tokens_per_s']:10.0f} {tf:>10} {mfu:>6}")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
     print(f"wrote {args.out}")
