@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from comb_jax.model.weights import load_backbone  # noqa: E402
 
 from comb_jax.config import load_config  # noqa: E402
 from comb_jax.model.layout import init_params, model_layout  # noqa: E402
 from comb_jax.model.transformer import PICache, apply_rope, block, forward, lm_logits, rms_norm, rope_tables  # noqa: E402,F401
-from comb_jax.model.weights import load_backbone  # noqa: E402
 from comb_jax.training import data  # noqa: E402
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
+from comb_jax.paths import DEFAULT_DATA_DIR
+
 SOURCES = {"dev": "squad_v2_dev_cs224n/dev-v2.0.json", "train": "squad_train/train-v1.1-explorer-reconstructed.json"}
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st", "th"]

@@ -21,11 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax.model.layout import init_params, model_layout
-
-
-def random_comb(cfg, key) -> dict:
-    return init_params(model_layout(cfg.model)["comb"], key, jnp.dtype(cfg.param_dtype))
+from comb_jax.weights.resolve import random_comb
+from comb_jax.weights.run_dir import restore_comb_params
+from comb_jax.weights.shipped import load_shipped
 
 
 def warm_comb(cfg, backbone, key) -> dict:
@@ -73,12 +71,8 @@ def open_attention_gates(comb: dict, tanh_gate: float, zero_out: bool) -> dict:
 def init_comb(cfg, backbone, key) -> dict:
     tc = cfg.train
     if tc.init_checkpoint == "shipped":  # the weights this config ships (comb_jax/shipped_models/NAME)
-        from comb_jax.shipped import load_shipped
-
         comb = jax.tree.map(jnp.asarray, load_shipped(cfg))
     elif tc.init_checkpoint:
-        from comb_jax.training.checkpoint import restore_comb_params
-
         comb = jax.tree.map(jnp.asarray, restore_comb_params(tc.init_checkpoint, cfg, prefer="latest"))
     elif tc.init == "random":
         comb = random_comb(cfg, key)
