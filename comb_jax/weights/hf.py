@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from safetensors import safe_open
 
 from comb_jax.config import ModelConfig, RopeScaling
 from comb_jax.model.layout import is_param, model_layout
@@ -159,8 +160,6 @@ class SafetensorsDir:
     """Lazy reader for one or sharded safetensors files in a directory (with model.safetensors.index.json)."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"weights directory {self.path} does not exist")
