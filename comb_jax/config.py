@@ -27,6 +27,7 @@ CONFIG_DIR = PACKAGE_DIR / "configs"  # inside the package: an installed wheel h
 class RopeScaling:
     """Llama-3 frequency scaling (`rope_type: llama3` in Hugging Face configs)."""
 
+    # the defaults are Llama-3.1's
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0

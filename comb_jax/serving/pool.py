@@ -105,6 +105,11 @@ def pool_pages(serve: ServeConfig, cfg: ModelConfig, dtype, bytes_limit: int | N
     return max(1, serve.pool_tokens // serve.page_tokens)
 
 
+def entry_key(fingerprint: str, ids) -> str:
+    """The key of a chunk's entry in every tier (pool, host memory, disk): sha256 of the model fingerprint and ids."""
+    return hashlib.sha256(fingerprint.encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
+
+
 class PagePool:
     """Device page buffers + host index. Not thread-safe (one engine drives it).
 
@@ -140,7 +145,7 @@ class PagePool:
     # -- index --------------------------------------------------------------------------------------------
 
     def key(self, ids) -> str:
-        return hashlib.sha256(self.fingerprint.encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
+        return entry_key(self.fingerprint, ids)
 
     def find(self, ids) -> Entry | None:
         ids = tuple(int(i) for i in ids)
