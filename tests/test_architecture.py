@@ -106,3 +106,12 @@ def test_the_prompt_is_written_once():
     holders = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
                      if "Question: " in p.read_text() or '"Context:' in p.read_text())
     assert holders == ["comb_jax/text/prompt.py"], holders
+
+
+def test_configs_ship_inside_the_package():
+    """An installed wheel carries the configs that load its shipped weights: they are the comb_jax.configs package."""
+    from comb_jax.config import CONFIG_DIR, available_configs
+
+    assert CONFIG_DIR == PACKAGE / "configs" and (CONFIG_DIR / "__init__.py").is_file()
+    shipped = {p.name for p in (PACKAGE / "shipped_models").iterdir() if p.is_dir()}
+    assert shipped and shipped <= set(available_configs())
