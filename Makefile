@@ -44,5 +44,7 @@ bench-gpu: install
 	$(BIN)/pip install -q -e ".[cuda]"
 	bash bench/gpu.sh
 
+# ruff, and the layer contract of pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md)
 lint: install
-	$(BIN)/ruff check comb_jax tests bench train.py serve.py configs
+	$(BIN)/ruff check comb_jax tests bench train.py serve.py
+	$(BIN)/lint-imports

@@ -12,12 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import load_config
-from comb_jax.eval.harness import DEFAULT_DATA_DIR, build_segments, load_examples
-from comb_jax.eval.pic_modes import _pad, bucket, chunk_kv
+from comb_jax.eval.harness import load_examples
+from comb_jax.eval.pic_modes import _pad, chunk_kv
+from comb_jax.methods.comb import comb_chunks
+from comb_jax.model.buckets import power_of_two
+from comb_jax.paths import DEFAULT_DATA_DIR
 from comb_jax.serving.joint_pages import relative_distances
-from comb_jax.serving.pool import comb_chunks
-from comb_jax.training import data
-from comb_jax.training.checkpoint import load_params
+from comb_jax.text.codec import make_codec
+from comb_jax.text.prompt import prompt_segments
+from comb_jax.weights.resolve import load_model
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -29,21 +32,21 @@ def encode_chunk(params, tokens, num_real, *, cfg):
 
 dataset, limit, pt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = load_config("smollm2_comb")
-codec = data.make_codec(cfg)
+codec = make_codec(cfg)
 examples, _ = load_examples(dataset, DEFAULT_DATA_DIR, limit=limit, seed=0, num_distractors=2,
                             max_chunk_chars=cfg.serve.max_chunk_tokens * 4, include_unanswerable=False)
-params = load_params(cfg, "runs/qa_a/checkpoints/100")
+_, params = load_model(cfg, "runs/qa_a/checkpoints/100")
 out = {}
 for mode, fn in (("naive", chunk_kv), ("comb", encode_chunk)):
     pages_k, pages_v, valid, nearest = [], [], [], []
     seen = set()
     for e in examples:
-        seg = build_segments(codec, e.chunks, e.question, cfg.serve.max_chunk_tokens)
+        seg = prompt_segments(codec, e.chunks, e.question, cfg.serve.max_chunk_tokens)
         for ids in (seg.comb_chunks if mode == "comb" else seg.chunks):
             if ids in seen:
                 continue
             seen.add(ids)
-            k, v = fn(params, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)), cfg=cfg.model)
+            k, v = fn(params, _pad(ids, power_of_two(len(ids))), jnp.int32(len(ids)), cfg=cfg.model)
             k, v = np.asarray(k[:, :len(ids)]), np.asarray(v[:, :len(ids)])
             pad = ((0, 0), (0, -len(ids) % pt), (0, 0), (0, 0))
             k, v = np.pad(k, pad), np.pad(v, pad)

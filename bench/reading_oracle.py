@@ -27,8 +27,9 @@ import numpy as np  # noqa: E402
 from comb_jax.config import load_config  # noqa: E402
 from comb_jax.model.layout import init_params, model_layout  # noqa: E402
 from comb_jax.model.transformer import PICache, apply_rope, block, forward, lm_logits, rms_norm, rope_tables  # noqa: E402,F401
-from comb_jax.model.weights import load_backbone  # noqa: E402
+from comb_jax.text.codec import make_codec  # noqa: E402
 from comb_jax.training import data  # noqa: E402
+from comb_jax.weights.resolve import load_backbone  # noqa: E402
 
 
 def backbone_kv(backbone, tokens, mask, cfg, layers):
@@ -78,7 +79,7 @@ def main():
     cfg = load_config("smollm2_comb", [f"model.num_cross_layers={args.cross_layers}"])
     m = cfg.model
     backbone = jax.tree.map(jnp.asarray, load_backbone(cfg))
-    codec = data.make_codec(cfg)
+    codec = make_codec(cfg)
     comb = init_params(model_layout(m)["comb"], jax.random.key(0))
     examples = data.jsonl_examples(args.needles)[: args.limit]
     layers = list(m.cross_layers)

@@ -1,6 +1,6 @@
-"""Dataclass configs, chosen by name from `configs/NAME.py`, with `key=value` overrides.
+"""Dataclass configs, chosen by name from `comb_jax/configs/NAME.py`, with `key=value` overrides.
 
-A named config is a module in the top-level `configs/` folder that defines `config() -> Config`.
+A named config is a module in the package's `configs/` folder that defines `config() -> Config`.
 Overrides use dotted paths into the dataclass tree (`train.learning_rate=1e-4`, `model.num_cross_layers=3`);
 a bare leaf name works when it is unique (`learning_rate=1e-4`).
 """
@@ -17,13 +17,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from comb_jax.errors import ConfigError
+from comb_jax.paths import PACKAGE_DIR
+
+CONFIG_DIR = PACKAGE_DIR / "configs"  # inside the package: an installed wheel has the configs of what it ships
 
 
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 frequency scaling (`rope_type: llama3` in Hugging Face configs)."""
 
+    # the defaults are Llama-3.1's
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -143,7 +147,7 @@ class TrainConfig:
     train_examples: int = 0  # 0 = every training example; N > 0 = a seeded subset of N
     targets: str = "auto"  # teacher (backbone's own greedy answers) | gold (dataset answers) | auto (gold if random)
     teacher_max_tokens: int = 48
-    data_dir: str = ""  # empty: ../shared/data beside the checkout
+    data_dir: str = ""  # empty: ../shared/data beside the checkout (paths.DEFAULT_DATA_DIR)
     max_chunk_tokens: int = 256
     max_decoder_tokens: int = 512
     chunk_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -194,16 +198,12 @@ class Config:
     compute_dtype: str = "auto"  # auto: bfloat16 on accelerators, float32 on CPU (resolved by load_config)
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
 def config_path(name: str) -> Path:
-    """`configs/NAME.py` for a config name, or a `.py` file given by path that lies directly inside configs/."""
+    """`comb_jax/configs/NAME.py` for a config name, or a `.py` file given by path directly inside that folder."""
     valid = ", ".join(available_configs())
     if re.fullmatch(r"[A-Za-z0-9_]+(\.py)?", name or ""):
         path = CONFIG_DIR / f"{name.removesuffix('.py')}.py"

@@ -46,14 +46,14 @@ def smol_cfg():
 
 @pytest.fixture(scope="session")
 def smol_backbone(smol_cfg):
-    from comb_jax.model.weights import load_backbone
+    from comb_jax.weights.resolve import load_backbone
 
     return jax.tree.map(np.asarray, load_backbone(smol_cfg))
 
 
 @pytest.fixture(scope="session")
 def smol_tokenizer(smol_cfg):
-    from comb_jax.model.tokenizer import load_tokenizer
+    from comb_jax.text.tokenizer import load_tokenizer
 
     return load_tokenizer(smol_cfg)
 
@@ -64,7 +64,7 @@ def smol_hf_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from comb_jax.model.weights import embedded_gguf_path
+    from comb_jax.paths import embedded_gguf_path
 
     path = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

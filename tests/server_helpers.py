@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comb_jax.config import load_config
 from comb_jax.serving.app import ServerThread, build_server, wait_ready
-from comb_jax.training.data import make_codec
+from comb_jax.text.codec import make_codec
 
 # 16-token pages, a 32-page pool, one prompt bucket, one context bucket (8 pages): a request takes up to four
 # 30-byte documents. max_new_tokens is large so a request can still be running when its client leaves.

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from train_helpers import checkpointed_run_cfg, toy_examples
 
+from comb_jax.cli.train import train
+from comb_jax.errors import CheckpointError
 from comb_jax.training import checkpoint as ckpt
-from comb_jax.training import trainer as T
-from comb_jax.training.checkpoint import CheckpointError, restore_comb_params
+from comb_jax.weights.run_dir import restore_comb_params
 
 
 def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path, monkeypatch):
@@ -18,10 +19,10 @@ def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path, mo
 
     examples = (toy_examples(12), [])
     backbone = jax.tree.map(np.asarray, tiny_params["backbone"])
-    full = T.train(cfg_for("full"), progress=False, backbone=backbone, examples=examples)
+    full = train(cfg_for("full"), progress=False, backbone=backbone, examples=examples)
     # killed after step 3: the last checkpoint is step 2, so steps 3..5 are replayed from it
-    T.train(cfg_for("killed"), progress=False, backbone=backbone, examples=examples, stop_after=3)
-    resumed = T.train(cfg_for("killed"), resume=True, progress=False, backbone=backbone, examples=examples)
+    train(cfg_for("killed"), progress=False, backbone=backbone, examples=examples, stop_after=3)
+    resumed = train(cfg_for("killed"), resume=True, progress=False, backbone=backbone, examples=examples)
     assert resumed["start_step"] == 2 and resumed["end_step"] == 5
     assert resumed["losses"] == full["losses"][2:]  # bit-identical losses
 
@@ -38,7 +39,7 @@ def test_resume_after_kill_continues_exactly(tiny_cfg, tiny_params, tmp_path, mo
 
     # an existing run without --resume is refused
     with pytest.raises(FileExistsError, match="--resume"):
-        T.train(cfg_for("full"), progress=False, backbone=backbone, examples=examples)
+        train(cfg_for("full"), progress=False, backbone=backbone, examples=examples)
 
     # corrupt: a truncated array file in the step's comb item
     bad = tmp_path / "bad"

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 from comb_jax.config import MeshConfig
-from comb_jax.eval import kvpacket
-from comb_jax.eval.pic_modes import PicRunner, Segments, _pad, assemble, bucket, chunk_kv
+from comb_jax.eval.pic_modes import PicRunner, _pad, assemble, chunk_kv
+from comb_jax.methods import kvpacket
+from comb_jax.methods.naive import backbone_chunks
+from comb_jax.model.buckets import power_of_two as bucket
 from comb_jax.model.sharding import make_mesh
 from comb_jax.model.transformer import encode
 from comb_jax.serving import quant
-from comb_jax.serving.pool import PagePool, backbone_chunks, gather_tokens
+from comb_jax.serving.pool import PagePool, gather_tokens
+from comb_jax.text.prompt import Segments
 
 rng = np.random.default_rng(7)
 PREFIX = tuple(int(i) for i in rng.integers(1, 256, 7))

@@ -111,8 +111,6 @@ def test_squad_split_by_article(shared_data, tiny_cfg):
 
 
 def test_teacher_answers_are_cached_with_provenance(tiny_cfg, tiny_params, tmp_path, monkeypatch):
-    import comb_jax.model.decode
-
     cfg = apply_overrides(tiny_cfg, ["teacher_max_tokens=4", "batch_size=4"])
     examples = toy_examples(4)
     path = tmp_path / "teacher_train.jsonl"
@@ -125,7 +123,7 @@ def test_teacher_answers_are_cached_with_provenance(tiny_cfg, tiny_params, tmp_p
     def no_generate(*a, **k):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(comb_jax.model.decode, "generate", no_generate)
+    monkeypatch.setattr(D, "generate", no_generate)  # data.py calls it by this name
     again = D.teacher_targets(examples, params, cfg, D.Codec(None), path, progress=False)
     assert [e.answer for e in again] == [e.answer for e in first]
     other = {"backbone": dict(params["backbone"], final_norm=params["backbone"]["final_norm"] * 2)}

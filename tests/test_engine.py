@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from comb_jax.config import apply_overrides
+from comb_jax.model.compiles import compile_count
 from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
-from comb_jax.serving.engine import Engine, Request, compile_count
+from comb_jax.serving.engine import Engine, Request
 
 # Small buckets keep the number of compiled shapes (and the test time) down; every test reuses them.
 SERVE_OVERRIDES = ["serve.prompt_buckets=(16, 32)", "serve.context_buckets=(64, 128)", "serve.chunk_buckets=(16, 32)",
@@ -167,7 +168,7 @@ def test_full_mode_prefills_the_inlined_prompt(serve_cfg, tiny_params, reference
 
 
 def test_serve_cli_answers_jsonl_with_a_malformed_line(tmp_path, serve_cfg, capsys):
-    import serve
+    from comb_jax.cli import serve
 
     lines = [
         json.dumps({"id": "a", "chunks": ["Mira: blue shed.", "Red shed: tools."], "question": "Bike?",

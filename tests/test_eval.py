@@ -10,7 +10,6 @@ import pytest
 
 from comb_jax.eval.harness import (
     answer_nlls,
-    build_segments,
     gap_closed,
     main,
     markdown_table,
@@ -22,7 +21,9 @@ from comb_jax.eval.metrics import normalize_answer
 from comb_jax.eval.pic_modes import MODES, Answer
 from comb_jax.model.layout import init_params, model_layout
 from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
-from comb_jax.training.data import Codec, Example
+from comb_jax.text.codec import Codec
+from comb_jax.text.prompt import prompt_segments as build_segments
+from comb_jax.training.data import Example
 
 CHUNKS = ["Mira keeps her bicycle in the blue shed.", "The red shed holds garden tools.",
           "Bakeries open early.", "Tom's cat sleeps on the piano."]

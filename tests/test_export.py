@@ -12,11 +12,12 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from torch_comb import TorchComb
 
+from comb_jax.cli.export import main
 from comb_jax.config import RopeScaling
-from comb_jax.export import export_comb, export_llama, import_comb, import_llama, main, parse_size
 from comb_jax.model.layout import flatten_names, init_params, model_layout
 from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
-from comb_jax.model.weights import load_backbone
+from comb_jax.weights.release import export_comb, export_llama, import_comb, import_llama, parse_size
+from comb_jax.weights.resolve import load_backbone
 
 PROMPT_LEN = 12
 # per batch row, the lengths of its chunks: two chunks, one short chunk (padded in JAX), no chunk at all

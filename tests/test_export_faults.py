@@ -15,13 +15,14 @@ import pytest
 from safetensors.numpy import save_file
 from torch_comb import TorchComb
 
-from comb_jax import export as E
-from comb_jax.cli import run
-from comb_jax.export import comb_config_dict, export_comb, import_comb
+from comb_jax.cli import export as export_cli
+from comb_jax.errors import run
 from comb_jax.model.layout import flatten_names, init_params, model_layout
 from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
-from comb_jax.model.weights import tensors_from_tree
-from comb_jax.training.checkpoint import load_model
+from comb_jax.weights import release as E
+from comb_jax.weights.hf import tensors_from_tree
+from comb_jax.weights.release import comb_config_dict, export_comb, import_comb
+from comb_jax.weights.resolve import load_model
 
 
 def _leftovers(parent):
@@ -58,10 +59,10 @@ def test_export_refuses_a_non_empty_directory_and_never_leaves_it_half_written(t
     def never(*args):
         raise AssertionError("weights must not load")
 
-    monkeypatch.setattr("comb_jax.training.checkpoint.load_params", never)
+    monkeypatch.setattr("comb_jax.cli.export.load_model", never)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run(E.main, "python -m comb_jax.export", ["--config", "tiny_comb", "--out", str(out)])
+        run(export_cli.main, "python -m comb_jax.export", ["--config", "tiny_comb", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "is not empty; pass --overwrite" in err
 
@@ -73,7 +74,7 @@ def test_export_with_a_head_dim_the_release_cannot_derive_fails_clearly(tiny_cfg
         export_comb(model, params, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit) as exit_info:
-        run(E.main, "python -m comb_jax.export", ["--config", "tiny_comb", "--out", str(tmp_path / "y"),
+        run(export_cli.main, "python -m comb_jax.export", ["--config", "tiny_comb", "--out", str(tmp_path / "y"),
                                                   "head_dim=32"])
     assert exit_info.value.code == 2 and "head_dim=32" in capsys.readouterr().err
 
@@ -167,7 +168,7 @@ def test_our_exports_keep_per_chunk_encoding(tiny_cfg, tiny_params, tmp_path):
 def test_tokenizer_is_saved_for_transformers_4(smol_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    from comb_jax.model.tokenizer import chat_prompt_ids
+    from comb_jax.text.tokenizer import chat_prompt_ids
 
     E.save_tokenizer(smol_tokenizer, tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -183,7 +184,7 @@ def test_tokenizer_is_saved_for_transformers_4(smol_tokenizer, tmp_path):
 def test_tokenizer_loads_in_transformers_4(smol_tokenizer, tmp_path):
     """The release's stack: `pip install --target DIR --no-deps transformers==4.57.3 tokenizers==0.22.1
     huggingface-hub==0.36.0`, then COMB_JAX_TRANSFORMERS4=DIR."""
-    from comb_jax.model.tokenizer import chat_prompt_ids
+    from comb_jax.text.tokenizer import chat_prompt_ids
 
     E.save_tokenizer(smol_tokenizer, tmp_path)
     script = ("import json, sys, transformers; from transformers import AutoTokenizer; "

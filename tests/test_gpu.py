@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from comb_jax.config import load_config
+from comb_jax.model.compiles import compile_count
 from comb_jax.model.decode import prefill
 from comb_jax.model.layout import init_params, model_layout
 from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits, resolve_attention
-from comb_jax.serving.engine import Engine, Request, compile_count
+from comb_jax.serving.engine import Engine, Request
 
 pytestmark = pytest.mark.gpu
 

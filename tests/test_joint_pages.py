@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from comb_jax.config import MeshConfig
-from comb_jax.eval.pic_modes import PicRunner, Segments
+from comb_jax.eval.pic_modes import PicRunner
 from comb_jax.model.sharding import make_mesh
 from comb_jax.serving.joint_pages import relative_distances
 from comb_jax.serving.pool import PagePool, gather_context, gather_tokens
+from comb_jax.text.prompt import Segments
 
 PT = 16  # tiny_comb's serve.page_tokens
 

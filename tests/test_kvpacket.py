@@ -8,8 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from comb_jax.eval import kvpacket
-from comb_jax.eval.pic_modes import PicRunner, Segments, _pad, bucket, chunk_kv
+from comb_jax.eval import kvpacket as kvpacket_eval
+from comb_jax.eval.pic_modes import PicRunner, _pad, chunk_kv, packet_kv
+from comb_jax.methods import kvpacket
+from comb_jax.model.buckets import power_of_two as bucket
+from comb_jax.text.prompt import Segments
+from comb_jax.training.kvpacket_data import collate
+from comb_jax.weights.adapter import load_adapter
 
 TOL = 1e-5
 rng = np.random.default_rng(3)
@@ -48,7 +53,7 @@ def test_trailer_is_the_backbone_reading_soft_tokens_after_the_document(tiny_cfg
     extra = (5, 17, 250)
     adapter = {"trailer": np.asarray(tiny_params["backbone"]["embed"])[list(extra)]}
     runner = PicRunner(with_adapter(tiny_params, adapter), tiny_cfg.model, max_new_tokens=2)
-    k, v = kvpacket.packet_kv(runner, CHUNKS[0])
+    k, v = packet_kv(runner, CHUNKS[0])
     ids = CHUNKS[0] + extra
     ref_k, ref_v = chunk_kv(tiny_params, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)), cfg=tiny_cfg.model)
     np.testing.assert_allclose(k, np.asarray(ref_k[:, : len(ids)]), atol=TOL, rtol=TOL)
@@ -60,7 +65,7 @@ def batch_for(tiny_cfg, segments):
                  "answer": ANSWER} for s in segments]
     tc = dataclasses.replace(tiny_cfg.train, chunk_buckets=(16, 32), decoder_buckets=(16, 32),
                              teacher_buckets=(64, 128))
-    return {k: jnp.asarray(v) for k, v in kvpacket.collate(features, tc).items()}
+    return {k: jnp.asarray(v) for k, v in collate(features, tc).items()}
 
 
 def test_training_student_matches_serving(tiny_cfg, tiny_params):
@@ -110,7 +115,7 @@ def test_train_py_trains_kvpacket_with_exact_resume_and_writes_the_adapter(tiny_
 
     from train_helpers import toy_cfg, toy_examples
 
-    from comb_jax.training import trainer as T
+    from comb_jax.cli.train import train
 
     backbone = jax.tree.map(np.asarray, tiny_params["backbone"])
     examples = (toy_examples(8), toy_examples(4))
@@ -120,14 +125,14 @@ def test_train_py_trains_kvpacket_with_exact_resume_and_writes_the_adapter(tiny_
                        "checkpoint_every=2", "eval_every=2", "eval_examples=4", "learning_rate=1e-2",
                        "train.chunk_buckets=(32,)", "decoder_buckets=(48,)", "targets=gold", f"run_dir={run}")
 
-    whole = T.train(cfg_for(tmp_path / "whole"), progress=False, backbone=backbone, examples=examples)
-    T.train(cfg_for(tmp_path / "cut"), progress=False, backbone=backbone, examples=examples, stop_after=2)
-    resumed = T.train(cfg_for(tmp_path / "cut"), resume=True, progress=False, backbone=backbone, examples=examples)
+    whole = train(cfg_for(tmp_path / "whole"), progress=False, backbone=backbone, examples=examples)
+    train(cfg_for(tmp_path / "cut"), progress=False, backbone=backbone, examples=examples, stop_after=2)
+    resumed = train(cfg_for(tmp_path / "cut"), resume=True, progress=False, backbone=backbone, examples=examples)
     assert resumed["start_step"] == 2 and resumed["end_step"] == 4
     final = np.asarray(whole["state"].comb["trailer"])
     np.testing.assert_array_equal(np.asarray(resumed["state"].comb["trailer"]), final)
     assert final.shape == (3, tiny_cfg.model.hidden)
-    np.testing.assert_array_equal(kvpacket.load_adapter(tmp_path / "whole")["trailer"], final)
+    np.testing.assert_array_equal(load_adapter(tmp_path / "whole")["trailer"], final)
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["kl"] > 0 and "gate_attn" not in r for r in records)
@@ -148,11 +153,11 @@ def test_reading_nlls_zero_adapter_reads_like_naive(tiny_cfg, tiny_params):
 
     examples = [Example(f"e{i}", ("alpha beta gamma " * (i + 1), "delta epsilon"), f"what {i}?", "beta", ("beta",))
                 for i in range(3)]
-    zero = kvpacket.reading_nlls(tiny_cfg, tiny_params["backbone"], kvpacket.init_kvpacket(tiny_params["backbone"], 0),
-                                 examples, batch_size=2)
+    zero = kvpacket_eval.reading_nlls(tiny_cfg, tiny_params["backbone"],
+                                      kvpacket.init_kvpacket(tiny_params["backbone"], 0), examples, batch_size=2)
     assert zero["nll_kvpacket"] == zero["nll_naive"] and zero["kl_kvpacket"] == zero["kl_naive"] >= 0
     assert zero["requests"] == 3
     assert zero["nll_none"] != zero["nll_full"]
-    trained = kvpacket.reading_nlls(tiny_cfg, tiny_params["backbone"], random_adapter(tiny_params, 2), examples,
+    trained = kvpacket_eval.reading_nlls(tiny_cfg, tiny_params["backbone"], random_adapter(tiny_params, 2), examples,
                                     batch_size=2)
     assert trained["nll_naive"] == pytest.approx(zero["nll_naive"]) and trained["nll_kvpacket"] != zero["nll_naive"]

@@ -4,7 +4,7 @@ import json
 
 import jax
 
-import serve
+from comb_jax.cli import serve
 
 LLAMA_8B_PARAMS = 8_030_261_248  # Llama-3.1-8B: embedding + 32 layers + norm + untied head
 

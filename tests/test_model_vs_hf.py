@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from comb_jax.model.transformer import forward, lm_logits
-from comb_jax.model.weights import model_config_from_hf, tree_from_tensors
+from comb_jax.weights.hf import model_config_from_hf, tree_from_tensors
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 500000.0}

@@ -7,16 +7,16 @@ import pytest
 
 from comb_jax.eval.pic_modes import (
     PicRunner,
-    Segments,
     assemble,
     attention_similarity,
-    bucket,
     chunk_kv,
     context_attention,
     last_layer_attention,
 )
+from comb_jax.model.buckets import power_of_two as bucket
 from comb_jax.model.layout import init_params, model_layout
 from comb_jax.model.transformer import block, rope_tables
+from comb_jax.text.prompt import Segments
 
 TOL = 1e-5
 rng = np.random.default_rng(0)

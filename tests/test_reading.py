@@ -11,6 +11,7 @@ from train_helpers import toy_cfg, toy_examples
 from comb_jax.model.layout import init_params, model_layout
 from comb_jax.model.transformer import block, encode, forward, forward_with_taps, rope_tables
 from comb_jax.training import data as D
+from comb_jax.training import objectives as O
 from comb_jax.training import trainer as T
 from comb_jax.training.warm_start import init_comb
 
@@ -62,10 +63,10 @@ def test_distillation_terms_vanish_when_the_teacher_sees_what_the_student_sees(t
     batch = _batch(cfg, toy_examples(4))
     same = dict(batch, teacher_tokens=batch["tokens"],
                 teacher_index=np.where(batch["loss_mask"] > 0, np.arange(batch["tokens"].shape[1])[None], 0))
-    _, metrics = T.loss_fn(params["comb"], params["backbone"], same, cfg)
+    _, metrics = O.loss_fn(params["comb"], params["backbone"], same, cfg)
     assert abs(float(metrics["kl"])) < 1e-6 and float(metrics["hidden"]) < 1e-10
     # with the real teacher (context inlined) both terms are positive
-    _, metrics = T.loss_fn(params["comb"], params["backbone"], batch, cfg)
+    _, metrics = O.loss_fn(params["comb"], params["backbone"], batch, cfg)
     assert float(metrics["kl"]) > 1e-4 and float(metrics["hidden"]) > 1e-4
     np.testing.assert_allclose(float(metrics["loss"]),
                                float(metrics["ce"]) + float(metrics["kl"]) + float(metrics["hidden"]), rtol=1e-5)
@@ -88,7 +89,7 @@ def test_open_attention_gates_keep_the_backbone_and_let_gradients_reach_the_enco
         cache = encode(params, chunk, jnp.asarray(batch["chunk_mask"][:, 0]), cfg.model)
         np.testing.assert_array_equal(np.asarray(forward(params, jnp.asarray(batch["tokens"]), cfg.model, cache)[0]),
                                       np.asarray(forward(params, jnp.asarray(batch["tokens"]), cfg.model)[0]))
-        grads[gate] = jax.grad(lambda cb, c=c: T.loss_fn(cb, backbone, batch, c)[0])(comb)
+        grads[gate] = jax.grad(lambda cb, c=c: O.loss_fn(cb, backbone, batch, c)[0])(comb)
     norm = lambda g: float(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))
     # closed gates: nothing but the gates learns; open gates with o_proj 0: o_proj learns from the first step
     assert norm(grads[0.0]["encoder"]) == 0 and norm(grads[0.0]["cross"]["wo"]) == 0
@@ -134,7 +135,7 @@ def test_kv_objective_trains_the_encoder_alone_towards_the_backbone_kv(tiny_cfg)
     cfg = toy_cfg(tiny_cfg, "batch_size=4", "mesh.data=1", "objective=kv", "learning_rate=3e-3", "warmup_steps=1")
     params = init_params(model_layout(cfg.model), jax.random.key(3))
     batch = _batch(cfg, toy_examples(4))
-    loss, grads = jax.value_and_grad(lambda c: T.objective_loss(c, params["backbone"], batch, cfg)[0])(params["comb"])
+    loss, grads = jax.value_and_grad(lambda c: O.objective_loss(c, params["backbone"], batch, cfg)[0])(params["comb"])
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads["cross"]))
     assert all(np.asarray(g).any() for g in jax.tree.leaves(grads["encoder"]["k_proj"]))
@@ -142,10 +143,10 @@ def test_kv_objective_trains_the_encoder_alone_towards_the_backbone_kv(tiny_cfg)
     zero = dict(params["comb"], encoder=dict(params["comb"]["encoder"],
                                              k_proj=jnp.zeros_like(params["comb"]["encoder"]["k_proj"]),
                                              v_proj=jnp.zeros_like(params["comb"]["encoder"]["v_proj"])))
-    np.testing.assert_allclose(float(T.objective_loss(zero, params["backbone"], batch, cfg)[0]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(O.objective_loss(zero, params["backbone"], batch, cfg)[0]), 1.0, rtol=1e-6)
     # the least-squares rescale of k/v projections never raises the error and leaves it at most 1
-    calibrated = T.calibrate_kv_scale(params["comb"], params["backbone"], batch, cfg)
-    after = float(T.objective_loss(calibrated, params["backbone"], batch, cfg)[0])
+    calibrated = O.calibrate_kv_scale(params["comb"], params["backbone"], batch, cfg)
+    after = float(O.objective_loss(calibrated, params["backbone"], batch, cfg)[0])
     assert after <= min(float(loss), 1.0) + 1e-6
     # a few steps lower it
     from comb_jax.model.sharding import make_mesh

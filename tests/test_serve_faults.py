@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from test_engine import SERVE_OVERRIDES, ids, reference_greedy
 
-import serve
-from comb_jax.cli import run
+from comb_jax.cli import serve
 from comb_jax.config import apply_overrides
+from comb_jax.errors import run
+from comb_jax.serving.batch import read_requests
 from comb_jax.serving.engine import Engine, Request
-from comb_jax.training.data import Codec
+from comb_jax.text.codec import Codec
 
 CODEC = Codec(None)  # the byte-level toy of tiny_comb
 MAX_NEW = 8  # serve.max_new_tokens in SERVE_OVERRIDES
@@ -129,7 +130,7 @@ def fuzz_lines(seed: int, n_bad: int, n_valid: int):
 def test_fuzz_request_reader_never_crashes_and_names_the_field(tiny_cfg, tiny_params):
     cfg = apply_overrides(tiny_cfg, SERVE_OVERRIDES)
     lines = fuzz_lines(seed=12, n_bad=1300, n_valid=300)
-    parsed = serve.read_requests([line for line, _ in lines], CODEC, "comb", MAX_NEW)
+    parsed = read_requests([line for line, _ in lines], CODEC, "comb", MAX_NEW)
     by_number = {p.number: p for p in parsed}
     engine = Engine(cfg, tiny_params, stop_ids=CODEC.stop_ids)  # its request checks, no model call
     bad = valid = 0
@@ -137,7 +138,7 @@ def test_fuzz_request_reader_never_crashes_and_names_the_field(tiny_cfg, tiny_pa
         p = by_number[n]
         if expect is None:
             assert p.error is None, (line, p.error)
-            alone = serve.read_requests([line], CODEC, "comb", MAX_NEW)[0].request
+            alone = read_requests([line], CODEC, "comb", MAX_NEW)[0].request
             assert (alone.prompt_ids, alone.chunk_ids, alone.max_tokens) == (
                 p.request.prompt_ids, p.request.chunk_ids, p.request.max_tokens)
             engine._check(p.request)  # every valid line is servable
@@ -271,7 +272,7 @@ def test_whole_context_encoding_is_one_entry_with_bos(tiny_cfg, tiny_params):
 
 
 def test_special_tokens_in_text_are_text(smol_tokenizer):
-    from comb_jax.model.tokenizer import _escaped_chat_prompt_ids, chat_prompt_ids, special_strings, text_ids
+    from comb_jax.text.tokenizer import _escaped_chat_prompt_ids, chat_prompt_ids, special_strings, text_ids
 
     tok = smol_tokenizer
     im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
@@ -285,8 +286,8 @@ def test_special_tokens_in_text_are_text(smol_tokenizer):
     plain = [{"role": "system", "content": " Be  brief.\n"}, {"role": "user", "content": "\nWhy is the sky blue?  "}]
     assert _escaped_chat_prompt_ids(tok, plain, special_strings(tok)) == chat_prompt_ids(tok, messages=plain)
     codec = Codec(tok)
-    assert serve.chunk_ids(codec, "Mira <|endoftext|>") == text_ids(tok, "Mira <|endoftext|>")
-    assert tok.convert_tokens_to_ids("<|endoftext|>") not in serve.chunk_ids(codec, "Mira <|endoftext|>")
+    assert codec.encode("Mira <|endoftext|>") == text_ids(tok, "Mira <|endoftext|>")
+    assert tok.convert_tokens_to_ids("<|endoftext|>") not in codec.encode("Mira <|endoftext|>")
 
 
 def test_numbers_and_ids_keep_their_json_form(tiny_params, tmp_path, monkeypatch):

@@ -11,9 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import MODEL, RunningServer, server_config
 
+from comb_jax.model.compiles import compile_count
 from comb_jax.serving.app import ServerThread, build_server
-from comb_jax.serving.engine import Engine, Request, compile_count
-from comb_jax.training.data import make_codec
+from comb_jax.serving.engine import Engine, Request
+from comb_jax.text.codec import make_codec
 
 DOCS = [
     "Mira keeps her bike in a shed.",

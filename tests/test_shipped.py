@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from comb_jax import shipped
 from comb_jax.model.layout import init_params, model_layout
+from comb_jax.weights import shipped
 
 
 def test_ship_and_load_round_trip_in_bfloat16(tmp_path, tiny_cfg):
@@ -29,13 +29,13 @@ def test_ship_and_load_round_trip_in_bfloat16(tmp_path, tiny_cfg):
 
 
 def test_load_params_prefers_the_shipped_model_unless_told_none(tmp_path, tiny_cfg, monkeypatch):
-    from comb_jax.training.checkpoint import load_params
+    from comb_jax.weights.resolve import load_model
 
     comb = jax.tree.map(lambda a: np.asarray(a) + 1.0,
                         init_params(model_layout(tiny_cfg.model), jax.random.key(0))["comb"])
     shipped.save_shipped(comb, tiny_cfg, tmp_path / tiny_cfg.name, command="x", backbone_fingerprint="")
     monkeypatch.setattr(shipped, "SHIPPED_ROOT", tmp_path)
-    got = load_params(tiny_cfg, None)["comb"]
+    got = load_model(tiny_cfg, None)[1]["comb"]
     np.testing.assert_allclose(np.asarray(got["cross"]["gate_attn"]), 1.0)
-    fresh = load_params(tiny_cfg, "none")["comb"]
+    fresh = load_model(tiny_cfg, "none")[1]["comb"]
     np.testing.assert_array_equal(np.asarray(fresh["cross"]["gate_attn"]), 0.0)

@@ -4,10 +4,12 @@ import jax
 import numpy as np
 import pytest
 
-from comb_jax import shipped
 from comb_jax.config import load_config
 from comb_jax.eval import harness as ev
+from comb_jax.text.codec import make_codec
+from comb_jax.text.prompt import prompt_segments
 from comb_jax.training import data
+from comb_jax.weights import shipped
 
 pytestmark = pytest.mark.slow
 NEEDLES_ANSWERED = 3  # of the 8 below: the shipped step 1350 answers exactly these 3, the other 5 are near copies
@@ -37,7 +39,7 @@ def test_reads_held_out_needles_from_the_right_chunks_in_any_order(pointer, shar
     rows = needle_examples(shared_data, "dev", 8, seed=0)
     examples = [data.Example(f"n{i}", tuple(r["chunks"]), r["question"], r["answer"], (r["answer"],))
                 for i, r in enumerate(rows)]
-    codec = data.make_codec(cfg)
+    codec = make_codec(cfg)
     r = ev.reading_nlls(params, cfg.model, codec, examples, cfg.train.max_chunk_tokens)
     # the gold answer is far more likely with the right chunks than with another request's (style alone: 0)
     assert r["nll_comb"] < r["nll_comb_other"] - 1.0 and r["reading_gap_closed"] > 0.3
@@ -54,12 +56,12 @@ def test_answers_held_out_needles_from_its_chunks_in_any_chunk_order(pointer, sh
     from comb_jax.training.needles import needle_examples
 
     cfg, params = pointer
-    codec = data.make_codec(cfg)
+    codec = make_codec(cfg)
     runner = PicRunner(params, cfg.model, stop_ids=codec.stop_ids, max_new_tokens=12)
     rows = needle_examples(shared_data, "dev", 8, seed=0)
     right, answers_seen = 0, []
     for r in rows:
-        answers = [codec.decode(runner.answer("comb", ev.build_segments(codec, chunks, r["question"],
+        answers = [codec.decode(runner.answer("comb", prompt_segments(codec, chunks, r["question"],
                                                                         cfg.train.max_chunk_tokens)).tokens).strip()
                    for chunks in (r["chunks"], r["chunks"][::-1])]
         assert answers[0] == answers[1], (r["question"], answers)

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from comb_jax.model.decode import generate
-from comb_jax.model.tokenizer import chat_prompt_ids, stop_ids
 from comb_jax.model.transformer import forward, lm_logits
+from comb_jax.text.tokenizer import chat_prompt_ids, stop_ids
 
 
 def test_logits_match_transformers_on_chat_prompt(smol_cfg, smol_backbone, smol_tokenizer, smol_hf_model):

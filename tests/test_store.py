@@ -141,7 +141,7 @@ def test_restarted_server_serves_documents_from_disk(tiny_params, tmp_path):
 
 def test_encode_corpus_cli_then_serve(tmp_path, capsys):
     from comb_jax.serving import encode_corpus
-    from comb_jax.training.checkpoint import load_model
+    from comb_jax.weights.resolve import load_model
 
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("\n".join(json.dumps(d) for d in [DOCS[0], {"id": "lib", "text": DOCS[1]}]) + "\n")
@@ -165,7 +165,7 @@ def test_encode_corpus_cli_then_serve(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": ""}\n')
     with pytest.raises(SystemExit):
-        from comb_jax.cli import run
+        from comb_jax.errors import run
         run(encode_corpus.main, "encode_corpus", ["--config", "tiny_comb", "--input", str(bad)])
 
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from train_helpers import checkpointed_run_cfg, toy_examples
 
-from comb_jax.cli import run
+from comb_jax.cli.train import train
 from comb_jax.config import CONFIG_DIR, ConfigError, load_config, validate
+from comb_jax.errors import CheckpointError, run
 from comb_jax.training import checkpoint as ckpt
 from comb_jax.training import data as D
 from comb_jax.training import trainer as T
-from comb_jax.training.checkpoint import CheckpointError, restore_comb_params
+from comb_jax.weights.run_dir import restore_comb_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,12 +59,12 @@ def test_nan_guard_keeps_and_saves_the_state_from_before_the_bad_step(tiny_cfg, 
 
     examples = (toy_examples(12), [])
     backbone = jax.tree.map(np.asarray, tiny_params["backbone"])
-    clean = T.train(cfg_for("clean"), progress=False, backbone=backbone, examples=examples, stop_after=3)
+    clean = train(cfg_for("clean"), progress=False, backbone=backbone, examples=examples, stop_after=3)
     after_3 = jax.tree.map(np.asarray, clean["state"].comb)
 
     monkeypatch.setattr(D, "train_iterator", _poisoned(bad_batch=4))
     with pytest.raises(T.TrainingDiverged, match=r"loss is nan at step 4 .*not applied.*state before it \(step 3\)"):
-        T.train(cfg_for("poisoned"), progress=False, backbone=backbone, examples=examples)
+        train(cfg_for("poisoned"), progress=False, backbone=backbone, examples=examples)
     root = tmp_path / "poisoned" / "checkpoints"
     assert sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) == [2, 3]
     kept = restore_comb_params(str(root / "3"), tiny_cfg)
@@ -100,12 +101,12 @@ def test_corrupt_latest_checkpoint_falls_back_with_one_line(tiny_cfg, tiny_param
     root = tmp_path / "run" / "checkpoints"
     _save_steps(root, tiny_cfg, comb, (1, 2, 3))
     _corrupt(root / "3")
-    caplog.set_level(logging.WARNING, logger="comb_jax.training.checkpoint")
+    caplog.set_level(logging.WARNING, logger="comb_jax.weights.run_dir")
 
     # serving / export: the run dir falls back to step 2 and says so in one line
     restored = restore_comb_params(str(tmp_path / "run"), tiny_cfg)
     jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(lambda x: x * 2, comb))
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "comb_jax.training.checkpoint"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "comb_jax.weights.run_dir"]
     assert warning.startswith("skipping checkpoint step 3: ") and "\n" not in warning and len(warning) < 260
     with pytest.raises(CheckpointError, match="3/comb is missing or corrupt"):  # a step named explicitly: no fallback
         restore_comb_params(str(root / "3"), tiny_cfg)

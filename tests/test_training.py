@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 from train_helpers import toy_cfg, toy_examples
 
+from comb_jax.cli.train import train
 from comb_jax.config import MeshConfig, apply_overrides
+from comb_jax.methods.comb import batch_picache
 from comb_jax.model.layout import count_params, flatten_names
 from comb_jax.model.sharding import make_mesh
 from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
+from comb_jax.text.codec import make_codec
 from comb_jax.training import data as D
+from comb_jax.training import objectives as O
 from comb_jax.training import trainer as T
 from comb_jax.training.warm_start import init_comb
 
@@ -84,7 +88,7 @@ def test_warm_start_copies_decoder_layers_and_keeps_the_backbone_function(tiny_c
     params = {"backbone": tiny_params["backbone"], "comb": comb}
     tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
     chunks = jnp.arange(2 * 2 * 8, dtype=jnp.int32).reshape(2, 2, 8) % 200
-    picache = T.batch_picache(params, chunks, jnp.ones(chunks.shape, bool), cfg, jnp.float32)
+    picache = batch_picache(params, chunks, jnp.ones(chunks.shape, bool), cfg, jnp.float32)
     with_ctx, _ = forward(params, tokens, cfg.model, picache)
     without, _ = forward(params, tokens, cfg.model)
     np.testing.assert_array_equal(np.asarray(with_ctx), np.asarray(without))
@@ -95,7 +99,7 @@ def test_batch_picache_is_per_chunk_encoding_concatenated(tiny_cfg, tiny_params)
 
     chunks = (jnp.arange(2 * 3 * 8, dtype=jnp.int32).reshape(2, 3, 8) * 7) % 256
     mask = jnp.arange(8)[None, None, :] < jnp.array([[8, 5, 3], [2, 8, 6]])[..., None]
-    joined = T.batch_picache(tiny_params, chunks, mask, tiny_cfg, jnp.float32)
+    joined = batch_picache(tiny_params, chunks, mask, tiny_cfg, jnp.float32)
     parts = [encode(tiny_params, chunks[:, j], mask[:, j], tiny_cfg.model) for j in range(3)]
     expected = concat_picaches(parts)
     for a, b in zip(joined, expected):
@@ -109,7 +113,7 @@ def test_nan_loss_stops_with_a_clear_error(tiny_cfg, tiny_params, tmp_path):
     backbone = dict(tiny_params["backbone"])
     backbone["final_norm"] = np.full_like(np.asarray(backbone["final_norm"]), np.nan)
     with pytest.raises(T.TrainingDiverged, match="loss is nan at step 1"):
-        T.train(cfg, progress=False, backbone=backbone, examples=(toy_examples(8), []))
+        train(cfg, progress=False, backbone=backbone, examples=(toy_examples(8), []))
     assert not (tmp_path / "checkpoints" / "1").exists()
 
 
@@ -117,14 +121,14 @@ def test_kl_term_is_the_teachers_full_context_distribution_on_answer_tokens(tiny
     """loss_fn's CE and KL against an independent per-example computation: the teacher reads the chunks inlined,
     the student reads them as PICaches (gates opened so they matter), both scored on the answer tokens."""
     cfg = toy_cfg(tiny_cfg, "kl_weight=0.5", "train.chunk_buckets=(32, 128)", "remat=false")
-    codec = D.make_codec(cfg)
+    codec = make_codec(cfg)
     comb = jax.tree.map(np.asarray, tiny_params["comb"])
     comb["cross"]["gate_attn"] = np.full_like(comb["cross"]["gate_attn"], 0.7)
     comb["cross"]["gate_mlp"] = np.full_like(comb["cross"]["gate_mlp"], -0.4)
     params = {"backbone": tiny_params["backbone"], "comb": comb}
     features = [D.tokenize(e, codec, cfg.train) for e in toy_examples(3)]
     batch = jax.tree.map(jnp.asarray, D.collate(features, cfg.train))
-    loss, metrics = T.loss_fn(comb, params["backbone"], batch, cfg)
+    loss, metrics = O.loss_fn(comb, params["backbone"], batch, cfg)
 
     ce_terms, kl_terms = [], []
     for f in features:
@@ -204,7 +208,7 @@ def test_eval_at_start_logs_the_untrained_baseline(tiny_cfg, tiny_params, tmp_pa
                   "teacher_max_tokens=4", f"run_dir={tmp_path / 'run'}")
     eval_examples = toy_examples(4)
     backbone = jax.tree.map(np.asarray, tiny_params["backbone"])
-    T.train(cfg, progress=False, backbone=backbone, examples=(toy_examples(8), eval_examples))
+    train(cfg, progress=False, backbone=backbone, examples=(toy_examples(8), eval_examples))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1] and "loss" not in records[0] and "eval_loss" in records[1]
 

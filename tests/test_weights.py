@@ -7,7 +7,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from comb_jax.config import load_config
-from comb_jax.model.weights import SafetensorsDir, load_hf_backbone, tensors_from_tree, tree_from_tensors, unpermute_qk
+from comb_jax.weights.gguf import unpermute_qk
+from comb_jax.weights.hf import SafetensorsDir, load_hf_backbone, tensors_from_tree, tree_from_tensors
 
 
 def _write_hf_dir(path, cfg, backbone, shards=1):
@@ -57,7 +58,7 @@ def test_missing_files_are_named(tmp_path, tiny_cfg):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_hf_backbone(str(tmp_path), tiny_cfg.model)
     with pytest.raises(FileNotFoundError, match="needs a Hugging Face Llama directory: pass weights.path"):
-        from comb_jax.model.weights import load_backbone
+        from comb_jax.weights.resolve import load_backbone
 
         load_backbone(load_config("llama8b_comb"))
 

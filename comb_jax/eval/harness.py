@@ -46,56 +46,28 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from comb_jax.config import load_config
 from comb_jax.eval.metrics import contains_answer, qa_f1, rouge_l
-from comb_jax.eval.pic_modes import DECODER_MODES, MODES, PicRunner, Segments, attention_similarity, context_attention
+from comb_jax.eval.pic_modes import DECODER_MODES, MODES, PicRunner, attention_similarity, context_attention
+from comb_jax.methods.kvpacket import init_kvpacket
+from comb_jax.model.buckets import round_up
+from comb_jax.model.compiles import compile_count
 from comb_jax.model.transformer import PICache, encode, forward, lm_logits
+from comb_jax.paths import DEFAULT_DATA_DIR
 from comb_jax.serving import quant
+from comb_jax.text.codec import Codec, make_codec
+from comb_jax.text.prompt import prompt_segments
 from comb_jax.training import data, needles
-from comb_jax.training.checkpoint import load_params
+from comb_jax.weights.adapter import load_adapter
+from comb_jax.weights.resolve import load_model
 
 log = logging.getLogger("comb_jax.eval.harness")
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
-CONTEXT_MARK = "<<CONTEXT>>"
 PASSES = ("original", "shuffled")
-
-# XLA compilations seen so far (jax reports one backend-compile event per compilation; cache hits report none)
-_compiles = [0]
-
-
-def _count_compiles(event: str, duration: float, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-        _compiles[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compiles)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Requests
-
-
-def build_segments(codec: data.Codec, chunks, question: str, max_chunk_tokens: int) -> Segments:
-    """Token ids of one request. The decoder-side prompt is the training teacher's (`Codec.teacher_prompt_ids`
-    text: template + 'Context:\\n' + chunks joined by blank lines + '\\n\\nQuestion: ' + question), tokenized
-    piece by piece so that each chunk's ids are the same wherever it appears (for SmolLM2 the pieces join into
-    exactly the ids of the whole prompt, see tests/test_eval.py); Comb's prompt is
-    `Codec.prompt_ids(question)` and its chunks are each chunk's own ids, as in training.
-    """
-    ids = codec.prompt_ids(CONTEXT_MARK)
-    template = bytes(ids).decode("utf-8") if codec.tok is None else codec.tok.decode(ids)
-    if template.count(CONTEXT_MARK) != 1:
-        raise ValueError(f"cannot find the user turn in the prompt template {template!r}")
-    before, after = template.split(CONTEXT_MARK)
-    # the blank lines are split "\n" | "\n" between pieces: that is how the whole prompt tokenizes too
-    chunk_ids = tuple(tuple(codec.encode("\n" + c + "\n")[:max_chunk_tokens]) for c in chunks)
-    # the template's pieces keep their control tokens; the question is text (it ends where `after`'s first
-    # control token starts, which is where the tokenizer splits the whole prompt too)
-    return Segments(prefix=tuple(codec.encode_markup(before + "Context:")), chunks=chunk_ids,
-                    suffix=tuple(codec.encode("\nQuestion: " + question) + codec.encode_markup(after)),
-                    comb_prompt=tuple(codec.prompt_ids(question)),
-                    comb_chunks=tuple(tuple(codec.encode(c)[:max_chunk_tokens]) for c in chunks))
 
 
 def load_examples(dataset: str, data_dir: Path, *, limit: int, seed: int, num_distractors: int,
@@ -139,10 +111,6 @@ def shuffled_order(n: int, rng: np.random.Generator) -> list[int]:
 
 NLL_BUCKET = 64  # decoder and chunk lengths are padded to multiples of this, so few shapes compile
 ANSWER_BUCKET = 16  # answer positions (where the LM head runs) are padded to multiples of this
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-int(n) // multiple) * multiple)
 
 
 @partial(jax.jit, static_argnames=("cfg", "dtype", "pic_dtype"))
@@ -192,8 +160,8 @@ def answer_nlls(params, model_cfg, prompts, answers, chunks=None, dtype=jnp.floa
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         rows = rows + rows[-1:] * (batch_size - len(rows))
-        width = _round_up(max(len(prompts[i]) + len(answers[i]) - 1 for i in rows), NLL_BUCKET)
-        answer_width = _round_up(max(len(answers[i]) for i in rows), ANSWER_BUCKET)
+        width = round_up(max(len(prompts[i]) + len(answers[i]) - 1 for i in rows), NLL_BUCKET)
+        answer_width = round_up(max(len(answers[i]) for i in rows), ANSWER_BUCKET)
         tokens = np.zeros((batch_size, width), np.int32)
         positions = np.zeros((batch_size, answer_width), np.int32)
         targets = np.zeros((batch_size, answer_width), np.int32)
@@ -207,7 +175,7 @@ def answer_nlls(params, model_cfg, prompts, answers, chunks=None, dtype=jnp.floa
             target_mask[r, :k] = 1.0
         chunk_tokens = chunk_mask = None
         if chunks is not None:
-            length = _round_up(max([len(c) for i in rows for c in chunks[i]] or [1]), NLL_BUCKET)
+            length = round_up(max([len(c) for i in rows for c in chunks[i]] or [1]), NLL_BUCKET)
             chunk_tokens = np.zeros((batch_size, num_chunks, length), np.int32)
             chunk_mask = np.zeros((batch_size, num_chunks, length), bool)
             for r, i in enumerate(rows):
@@ -229,7 +197,7 @@ def gap_closed(nll_none: float, nll_comb: float, nll_full: float) -> float | Non
     return value if value is not None and np.isfinite(value) else None
 
 
-def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Example], max_chunk_tokens: int,
+def reading_nlls(params, model_cfg, codec: Codec, examples: list[data.Example], max_chunk_tokens: int,
                  dtype=jnp.float32, batch_size: int = 8, answers: list[str] | None = None,
                  cache: dict | None = None, pic_dtype: str = "auto") -> dict:
     """How much of the full prompt's advantage Comb recovers, on `examples` (needs only params and examples).
@@ -238,7 +206,7 @@ def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Examp
     `answers[i]` when given) after (a) the question alone with no PICache (`codec.prompt_ids(question)`: the plain
     backbone), (b) the same prompt reading the Comb PICaches of the chunks (each `codec.encode(chunk)`, truncated to
     `max_chunk_tokens`, as training and `build_segments` tokenize them), (c) the full prompt with the context
-    inlined (`build_segments(...).full`, what mode "full" prefills), and (d) with Comb reading another request's
+    inlined (`prompt_segments(...).full`, what mode "full" prefills), and (d) with Comb reading another request's
     chunks (the next one's): a trained Comb's answer style lowers (b) whether or not it reads, (d) only by style.
     Returns {"nll_none", "nll_comb", "nll_full", "nll_comb_other": means over examples, "gap_closed": `gap_closed`
     of those means (None if undefined), "reading_gap_closed": (nll_comb_other - nll_comb) / (nll_none - nll_full),
@@ -250,7 +218,7 @@ def reading_nlls(params, model_cfg, codec: data.Codec, examples: list[data.Examp
     refs = answers if answers is not None else [e.golds[0] for e in examples]
     if len(refs) != len(examples):
         raise ValueError(f"{len(refs)} answers for {len(examples)} examples")
-    segs = [build_segments(codec, e.chunks, e.question, max_chunk_tokens) for e in examples]
+    segs = [prompt_segments(codec, e.chunks, e.question, max_chunk_tokens) for e in examples]
     answer_ids = [codec.answer_ids(a) for a in refs]
     comb_prompts = [list(s.comb_prompt) for s in segs]
     run = partial(answer_nlls, params, model_cfg, dtype=dtype, batch_size=batch_size, pic_dtype=pic_dtype)
@@ -285,20 +253,18 @@ def _mean(values):
     return round(float(np.mean(values)), 4) if values else None
 
 
-def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example], modes: list[str], *, metric: str,
+def run_eval(runner: PicRunner, codec: Codec, examples: list[data.Example], modes: list[str], *, metric: str,
              max_chunk_tokens: int, seed: int, records_path: Path | None = None, progress: bool = True,
              reading: bool = True) -> dict:
     """Run every mode over both passes; returns {"modes": {mode: summary}, "reading": `reading_nlls` (unless
     `reading` is False), ...} (see the module docstring)."""
-    from tqdm import tqdm
-
     def score(pred: str, golds) -> float:
         return qa_f1(pred, list(golds)) if metric == "f1" else rouge_l(pred, golds[0])
 
     rng = np.random.default_rng(seed)
     requests = []
     for e in examples:
-        seg = build_segments(codec, e.chunks, e.question, max_chunk_tokens)
+        seg = prompt_segments(codec, e.chunks, e.question, max_chunk_tokens)
         requests.append((e, {"original": seg, "shuffled": seg.reordered(shuffled_order(len(seg.chunks), rng))}))
     # pools big enough for every chunk of the run: a pass's hits are not lost to eviction
     runner.reserve([s for _, segs in requests for s in segs.values()])
@@ -321,14 +287,14 @@ def run_eval(runner: PicRunner, codec: data.Codec, examples: list[data.Example],
             for p in PASSES:
                 for e, segs in requests:
                     seg = segs[p]
-                    before = _compiles[0]
+                    before = compile_count()
                     answer = runner.answer(mode, seg)
                     text = codec.decode(answer.tokens).strip()
                     row = {"mode": mode, "id": e.id, "pass": p, "answer": text, "score": score(text, e.golds),
                            "contain": contains_answer(text, list(e.golds)),
                            "ttft_s": answer.ttft_s, "total_s": answer.total_s, "new_tokens": len(answer.tokens),
                            "chunk_hits": answer.chunk_hits, "num_chunks": answer.num_chunks,
-                           "context_tokens": len(seg.context), "compiled": _compiles[0] != before}
+                           "context_tokens": len(seg.context), "compiled": compile_count() != before}
                     attn = context_attention(runner, seg, answer) if mode in DECODER_MODES and "full" in modes else None
                     answer.kv_cache = None
                     if p == PASSES[0]:
@@ -549,19 +515,17 @@ def main(argv=None) -> dict:
     if args.limit < 0:
         raise SystemExit(f"--limit must be >= 0, got {args.limit}")
     cfg = load_config(args.config, args.overrides)
-    codec = data.make_codec(cfg)
+    codec = make_codec(cfg)
     datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
     loaded = {d: load_examples(d, Path(args.data_dir), limit=args.limit, seed=args.seed,
                                num_distractors=args.num_distractors, max_chunk_chars=cfg.serve.max_chunk_tokens * 4,
                                include_unanswerable=args.include_unanswerable) for d in datasets}
-    params = load_params(cfg, args.checkpoint)
+    cfg, params = load_model(cfg, args.checkpoint)
     if "kvpacket" in modes:
-        from comb_jax.eval import kvpacket
-
         if not args.kvpacket:  # like Comb without a checkpoint: runs, but untrained (P = 0: exactly naive reuse)
             log.warning("mode kvpacket without --kvpacket: no trailer tokens, the mode equals naive reuse")
-        params["kvpacket"] = (kvpacket.load_adapter(args.kvpacket) if args.kvpacket not in (None, "zero")
-                              else kvpacket.init_kvpacket(params["backbone"], 0))
+        params["kvpacket"] = (load_adapter(args.kvpacket) if args.kvpacket not in (None, "zero")
+                              else init_kvpacket(params["backbone"], 0))
     runner = PicRunner(params, cfg.model, stop_ids=codec.stop_ids,
                        max_new_tokens=args.max_new_tokens or cfg.serve.max_new_tokens, epic_k=args.epic_k,
                        dtype=jnp.dtype(cfg.compute_dtype), pic_dtype=cfg.serve.pic_dtype,

@@ -1,6 +1,6 @@
 """Ways of answering one request (prefix + chunks + question) on the same model, side by side (spec section 6).
 
-A request arrives as token ids (`Segments`): a fixed template `prefix`, the `chunks`, and a `suffix` holding
+A request arrives as token ids (`text.prompt.Segments`): a fixed template `prefix`, the `chunks`, and a `suffix` holding
 the question and the assistant header. The decoder-side modes all put exactly `prefix + chunks + suffix` into
 the decoder's KV cache, slot for slot, and differ only in how the context slots get there:
 
@@ -19,8 +19,8 @@ the decoder's KV cache, slot for slot, and differ only in how the context slots 
 - "comb": each chunk is encoded by the Comb encoder into a PICache (cached per chunk), the PICaches are
   concatenated, and only `comb_prompt` (the question alone, chat-templated) is prefilled through the cross
   blocks. The context never enters the decoder's KV cache.
-- "kvpacket": KV Packet (comb_jax/eval/kvpacket.py): "naive"'s per-chunk backbone KV, each followed by the KV of a few
-  trained soft tokens (computed once per chunk, cached with it), with no rotation or recomputation.
+- "kvpacket": KV Packet (comb_jax/methods/kvpacket.py): "naive"'s per-chunk backbone KV, each followed by the KV of a
+  few trained soft tokens (computed once per chunk, cached with it), with no rotation or recomputation.
 
 The chunk caches of naive / rerotate / epic / kvpacket / comb (and the template-prefix entries the chunk-reuse modes
 keep) live in device page pools (`pool.PagePool`, one per mode and kind of page: backbone KV, KV packets, Comb
@@ -48,46 +48,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import MeshConfig, ModelConfig, ServeConfig
+from comb_jax.methods.comb import comb_chunks
+from comb_jax.methods.kvpacket import num_tokens, packet_chunks
+from comb_jax.methods.naive import backbone_chunks
+from comb_jax.model.buckets import power_of_two
 from comb_jax.model.decode import DecodeState, decode_loop
 from comb_jax.model.sharding import make_mesh
 from comb_jax.model.transformer import KVCache, PICache, apply_rope, forward, init_kv_cache, lm_logits, rope_tables
-from comb_jax.serving.pool import PagePool, backbone_chunks, comb_chunks, gather_tokens
+from comb_jax.serving.pool import PagePool, gather_tokens
+from comb_jax.text.prompt import Segments
 
 MODES = ("full", "prefix", "naive", "rerotate", "epic", "comb", "kvpacket")
 # the context sits in the decoder's KV cache slot for slot ("kvpacket" adds trailer slots, so it is not one of them)
 DECODER_MODES = ("full", "prefix", "naive", "rerotate", "epic")
-
-
-@dataclass(frozen=True)
-class Segments:
-    """One request as token ids. The decoder-side prompt is prefix + chunks + suffix. Comb reads comb_chunks
-    (each chunk tokenized on its own, as in training and serving; empty: `chunks`) and prefills comb_prompt."""
-
-    prefix: tuple[int, ...]
-    chunks: tuple[tuple[int, ...], ...]
-    suffix: tuple[int, ...]
-    comb_prompt: tuple[int, ...]
-    comb_chunks: tuple[tuple[int, ...], ...] = ()
-
-    @property
-    def context(self) -> tuple[int, ...]:
-        return self.prefix + sum(self.chunks, ())
-
-    @property
-    def full(self) -> tuple[int, ...]:
-        return self.context + self.suffix
-
-    def chunk_offsets(self) -> list[int]:
-        """Slot of each chunk's first token in the full prompt."""
-        offsets, at = [], len(self.prefix)
-        for c in self.chunks:
-            offsets.append(at)
-            at += len(c)
-        return offsets
-
-    def reordered(self, order) -> Segments:
-        return dataclasses.replace(self, chunks=tuple(self.chunks[i] for i in order),
-                                   comb_chunks=tuple(self.comb_chunks[i] for i in order) if self.comb_chunks else ())
 
 
 @dataclass
@@ -99,11 +72,6 @@ class Answer:
     num_chunks: int
     kv_cache: KVCache | None = None  # decoder cache after the prompt prefill (decoder-side modes)
     last_hidden: np.ndarray | None = None  # [embed] final-norm hidden state that predicts the first token
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 def _pad(ids, width: int) -> jax.Array:
@@ -231,8 +199,6 @@ class PicRunner:
             if kind == "comb":
                 processor, layers, pic_dtype = comb_chunks, self.cfg.num_cross_layers, self.pic_dtype
             elif kind == "packet":
-                from comb_jax.eval.kvpacket import num_tokens, packet_chunks
-
                 processor, extra = packet_chunks, num_tokens(self.params["kvpacket"])
             else:
                 processor = backbone_chunks
@@ -299,11 +265,11 @@ class PicRunner:
     # -- shared pieces -----------------------------------------------------------------------------------
 
     def _slots(self, prompt_len: int) -> int:
-        return bucket(prompt_len + self.max_new_tokens, 64)
+        return power_of_two(prompt_len + self.max_new_tokens, 64)
 
     def _prefill_rest(self, cache: KVCache, ids) -> tuple:
         """Prefill `ids` behind what `cache` holds; returns (hidden of the last real token, cache, logits)."""
-        hidden, cache, logits = extend(self.params, cache, _pad(ids, bucket(len(ids))), jnp.int32(len(ids)),
+        hidden, cache, logits = extend(self.params, cache, _pad(ids, power_of_two(len(ids))), jnp.int32(len(ids)),
                                        cfg=self.cfg, dtype=self.dtype)
         return hidden[0, len(ids) - 1], cache, logits
 
@@ -334,7 +300,7 @@ class PicRunner:
         pool are computed by its processor and stored (equality is on the ids themselves).
 
         Returns k, v [layers, W, K, D] (each piece's stored tokens back to back, zeros from their total to
-        W = bucket(total)), the stored tokens of each piece, and how many `counted` pieces were hits. A request's
+        W = power_of_two(total)), the stored tokens of each piece, and how many `counted` pieces were hits. A request's
         entries are in use (not evictable) until its context is gathered.
         """
         entries, hits = [], 0
@@ -347,7 +313,7 @@ class PicRunner:
                 misses = {id(e): e for p, e in entries if p is pool and not e.written}  # a chunk twice: once
                 pool.write(self.params, list(misses.values()), batch=1)
             lengths = [pool.stored_tokens(e) for pool, e in entries]
-            width = bucket(sum(lengths))
+            width = power_of_two(sum(lengths))
             k = v = None
             for pool in {id(p): p for p, _ in entries}.values():  # each pool fills its pieces' slots, zeros elsewhere
                 slots, valid, at = np.zeros((1, width), np.int32), np.zeros((1, width), bool), 0
@@ -434,9 +400,18 @@ class PicRunner:
         return self._chunk_reuse(seg, "epic")
 
     def _kvpacket(self, seg: Segments) -> Answer:
-        from comb_jax.eval.kvpacket import answer_kvpacket
-
-        return answer_kvpacket(self, seg)
+        """Answer from packets: exact template-prefix KV, then each chunk's cached packet, no rotation; the
+        question is prefilled behind the last packet slot."""
+        start = time.perf_counter()
+        # the template prefix has no trailer: it lives in a backbone-KV pool beside the packets
+        pieces = [(self._pool("kvpacket", "backbone"), seg.prefix, False)] if seg.prefix else []
+        packets = self._pool("kvpacket", "packet")
+        keys, values, lengths, hits = self.cached_context(pieces + [(packets, ids, True) for ids in seg.chunks])
+        length = sum(lengths)
+        cache = assemble(keys, values, jnp.zeros((keys.shape[1],), jnp.int32), jnp.int32(length), cfg=self.cfg,
+                         slots=self._slots(length + len(seg.suffix)))
+        hidden, cache, logits = self._prefill_rest(cache, seg.suffix)
+        return self._finish(start, cache, logits, hidden, None, hits, len(seg.chunks), True)
 
     def _comb(self, seg: Segments) -> Answer:
         start = time.perf_counter()
@@ -448,11 +423,19 @@ class PicRunner:
             mask = jnp.asarray(np.arange(keys.shape[1]) < sum(lengths))[None]
             picache = PICache(keys[:, None], values[:, None], mask)
         prompt = seg.comb_prompt
-        hidden, cache, logits = comb_prefill(self.params, picache, _pad(prompt, bucket(len(prompt))),
+        hidden, cache, logits = comb_prefill(self.params, picache, _pad(prompt, power_of_two(len(prompt))),
                                              jnp.int32(len(prompt)), cfg=self.cfg, slots=self._slots(len(prompt)),
                                              dtype=self.dtype)
         return self._finish(start, cache, logits, hidden[0, len(prompt) - 1], picache, hits, len(seg.chunks),
                             False)
+
+
+def packet_kv(runner: PicRunner, ids) -> tuple[np.ndarray, np.ndarray]:
+    """One document's packet from `runner`'s KV Packet pool (stored there on a miss): k, v [N, L + P, K, D] = its
+    backbone KV alone followed by the trailer's KV."""
+    pool = runner._pool("kvpacket", "packet")
+    k, v, (n,), _ = runner.cached_context([(pool, tuple(ids), False)])
+    return np.asarray(k[:, :n]), np.asarray(v[:, :n])
 
 
 def context_attention(runner: PicRunner, seg: Segments, answer: Answer) -> np.ndarray:
@@ -461,7 +444,7 @@ def context_attention(runner: PicRunner, seg: Segments, answer: Answer) -> np.nd
     if answer.kv_cache is None:
         raise ValueError("context attention needs the answer's decoder cache (decoder-side modes)")
     start, n = len(seg.context), len(seg.suffix)
-    probs = last_layer_attention(runner.params, answer.kv_cache, _pad(seg.suffix, bucket(n)), jnp.int32(start),
+    probs = last_layer_attention(runner.params, answer.kv_cache, _pad(seg.suffix, power_of_two(n)), jnp.int32(start),
                                  cfg=runner.cfg, dtype=runner.dtype)
     return np.asarray(probs[:n, :, :start], np.float64)
 

@@ -3,7 +3,8 @@
 - `layout`: every parameter declared once (shape, logical axes, initialiser); `backbone` and `comb` subtrees.
 - `transformer`: `encode` (chunk -> PICache), `forward` (decoder + gated cross blocks), `lm_logits`.
 - `decode`: prefill and the jit-compiled decode loop, shared by training (teacher answers), eval and serving.
-- `sharding`: logical axis -> mesh axis rules; `weights`: Hugging Face / GGUF backbone I/O; `tokenizer`.
+- `sharding`: logical axis -> mesh axis rules; `buckets`: static shapes for jit; `compiles`: the XLA compile counter.
 
-Nothing here imports `training`, `serving` or `eval`: they all build on this package.
+Builds on `config` only; every layer above builds on it (docs/ARCHITECTURE.md). Weights I/O is `weights`, the
+tokenizer `text`.
 """

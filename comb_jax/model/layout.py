@@ -91,14 +91,6 @@ def model_layout(cfg: ModelConfig) -> dict:
     return {"backbone": backbone, "comb": comb}
 
 
-def trainable_layout(cfg) -> tuple[str, dict]:
-    """(params key, layout) of what `train.objective` trains over the frozen backbone (a full `Config`): the Comb
-    encoder and cross blocks ("comb"), or the KV Packet adapter ("kvpacket": P trailer embeddings, eval/kvpacket.py)."""
-    if cfg.train.objective == "kvpacket":
-        return "kvpacket", {"trailer": Param((cfg.train.kvpacket_tokens, cfg.model.hidden), (None, "embed"))}
-    return "comb", model_layout(cfg.model)["comb"]
-
-
 def abstract_params(layout, dtype=jnp.float32):
     """ShapeDtypeStructs for a layout: shapes without memory (parameter counts, dry-run compiles)."""
     return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, dtype), layout, is_leaf=is_param)

@@ -7,12 +7,13 @@
 - `slots`: the per-slot decode state (static shapes), `insert` of a prefilled request and one `decode_step`.
 - `store`: PICache tiers below the device pool: host memory and disk (tensorstore), keyed by fingerprint + ids.
 - `scheduler`: the thread that owns the device: admits requests into free slots between decode steps.
-- `protocol`: OpenAI request parsing and validation (errors name the field).
+- `protocol`: request validation for HTTP and the batch mode alike (errors name the field).
+- `batch`: the batch JSONL mode of serve.py; `demo`: its built-in demo batch.
 - `app`: the FastAPI app (`/v1/chat/completions`, `/v1/completions`, `/v1/documents`, `/metrics`, ...).
 - `metrics`: the server's Prometheus metrics (answer-quality metrics are `eval.metrics`).
 - `corpus`, `encode_corpus`: offline encoding of a JSONL corpus into the store
   (`python -m comb_jax.serving.encode_corpus`).
 
-Builds on `model`; loads what `training` wrote (`training.checkpoint.load_model`) and encodes text with its
-`Codec` (`training.data.make_codec`). `serve.py` is its thin command line.
+Builds on `methods` (the chunk processors), `text` (`Codec`), `weights` (`load_model`) and `model`; never on
+`training`. `serve.py` (`cli.serve`) is its thin command line.
 """

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -27,6 +26,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from comb_jax.paths import CACHE_DIR
+from comb_jax.serving.engine import Engine
 from comb_jax.serving.metrics import ServerMetrics
 from comb_jax.serving.protocol import (
     APIError,
@@ -36,10 +37,13 @@ from comb_jax.serving.protocol import (
     parse_document_upload,
 )
 from comb_jax.serving.scheduler import Job, Scheduler
+from comb_jax.serving.store import PICacheStore, pool_layout, store_fingerprint
+from comb_jax.text.codec import make_codec
+from comb_jax.weights.resolve import load_model
 
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25
-DEFAULT_STORE_DIR = Path(os.environ.get("COMB_JAX_CACHE", Path.home() / ".cache" / "comb_jax")) / "picache"
+DEFAULT_STORE_DIR = CACHE_DIR / "picache"
 
 
 def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
@@ -252,11 +256,7 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
 def build_server(cfg, params, codec, *, mode: str = "comb", store_dir: str | Path | None = None,
                  host_cache_bytes: int = 1 << 30, when_full: str = "reject", full_wait_s: float = 30.0):
     """(app, scheduler) for a model. store_dir None: host-memory tier only (nothing outlives the process)."""
-    from comb_jax.serving.engine import Engine
-    from comb_jax.serving.store import PICacheStore, pool_layout, store_fingerprint
-
-    bos = getattr(codec.tok, "bos_token_id", None) if codec.tok is not None else None
-    engine = Engine(cfg, params, stop_ids=codec.stop_ids, tokenizer_id=codec.name, mode=mode, bos_id=bos)
+    engine = Engine.for_codec(cfg, params, codec, mode)
     store = None
     if store_dir is not None and str(store_dir).strip().lower() in ("", "none"):
         store_dir = None
@@ -271,7 +271,7 @@ class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 in a background thread, on a free port (tests, benchmarks)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
+        import uvicorn  # the server's own dependency: not needed to build the app
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -298,7 +298,7 @@ class ServerThread:
 
 def wait_ready(url: str, timeout_s: float = 600.0):
     """Poll GET /health until 200 (warm-up done); raises on timeout or a failed start."""
-    import httpx
+    import httpx  # a test / client dependency (the dev extra)
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -318,10 +318,7 @@ def run_server(cfg, checkpoint: str | None, *, mode: str = "comb", host: str = "
                store_dir: str | None = None, host_cache_mb: float = 1024, when_full: str = "reject",
                full_wait_s: float = 30.0) -> int:
     """`serve.py --http`: load the model, build the server, serve until interrupted."""
-    import uvicorn
-
-    from comb_jax.training.checkpoint import load_model
-    from comb_jax.training.data import make_codec
+    import uvicorn  # the server's own dependency: not needed to build the app in tests
 
     cfg, params = load_model(cfg, checkpoint)
     codec = make_codec(cfg)

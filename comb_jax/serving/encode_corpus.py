@@ -14,9 +14,12 @@ import argparse
 import json
 import sys
 
-from comb_jax.cli import Parser, run
 from comb_jax.config import load_config
-from comb_jax.serving.app import DEFAULT_STORE_DIR
+from comb_jax.errors import Parser, run
+from comb_jax.serving.app import DEFAULT_STORE_DIR, build_server
+from comb_jax.serving.corpus import encode_corpus, read_corpus
+from comb_jax.text.codec import make_codec
+from comb_jax.weights.resolve import load_model
 
 
 def main(argv=None) -> int:
@@ -28,12 +31,6 @@ def main(argv=None) -> int:
     ap.add_argument("--store-dir", default=str(DEFAULT_STORE_DIR), help="the PICache store directory")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args(argv)
-
-    from comb_jax.serving.app import build_server
-    from comb_jax.serving.corpus import encode_corpus, read_corpus
-    from comb_jax.training.checkpoint import load_model
-    from comb_jax.training.data import make_codec
-
     cfg = load_config(args.config, args.overrides)
     documents = read_corpus(args.input)  # before the model loads: a bad file fails at once
     cfg, params = load_model(cfg, args.checkpoint)

@@ -9,7 +9,7 @@ Per batch of up to `serve.max_batch` requests (the batch axis is always padded t
 3. generate (`decode.decode_loop`, donated state): a `lax.while_loop` until every row hit a stop id or its
    token budget.
 A batch in which no request has chunks runs the plain backbone (no cross blocks). Every shape is a bucket,
-so after `warmup()` no request mix within the buckets compiles anything (see `compile_count`).
+so after `warmup()` no request mix within the buckets compiles anything (see `model.compiles.compile_count`).
 
 What becomes a pool entry follows `model.context_encoding`: per_chunk (each chunk its own entry, any order
 reuses them) or whole_context (a request's chunks concatenated into one entry, as the release trains; reused only
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import Config, MeshConfig
+from comb_jax.model.buckets import bucket_for
 from comb_jax.model.decode import decode_loop, prefill
 from comb_jax.model.layout import model_layout
 from comb_jax.model.sharding import make_mesh, shard_params
@@ -41,37 +42,10 @@ from comb_jax.serving.pool import (
     PagePool,
     PoolFullError,
     RequestError,
-    bucket_for,
     fingerprint,
     gather_context,
     write_chunks,
 )
-
-# ---------------------------------------------------------------------------------------------------------
-# Compilation counting: jax records one backend-compile event per XLA compilation (cache hits record none).
-
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_compiles: collections.Counter = collections.Counter()
-
-
-def _on_duration_event(event: str, duration: float, **kwargs):
-    if event == _BACKEND_COMPILE_EVENT:
-        _compiles[str(kwargs.get("fun_name", "?"))] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
-
-
-def compile_count() -> int:
-    """XLA compilations in this process so far."""
-    return sum(_compiles.values())
-
-
-def compiled_functions() -> dict[str, int]:
-    return dict(_compiles)
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -142,6 +116,11 @@ class Engine:
             top = max(s.prompt_buckets)
             self.prompt_buckets = tuple(sorted(set(s.prompt_buckets) | {c + top for c in self.context_buckets}))
         self.rng = jax.random.key(s.seed)
+
+    @classmethod
+    def for_codec(cls, cfg: Config, params, codec, mode: str = "comb") -> Engine:
+        """An engine that stops, fingerprints and starts entries (BOS) as `codec`'s tokenizer says."""
+        return cls(cfg, params, stop_ids=codec.stop_ids, tokenizer_id=codec.name, mode=mode, bos_id=codec.bos_id)
 
     # -- validation ---------------------------------------------------------------------------------------
 
@@ -275,7 +254,7 @@ class Engine:
         if misses:
             self.pool.write(self.params, list(misses.values()), s.encode_batch)
 
-        t = bucket_for(max(len(r.prompt_ids) for r in batch), self.prompt_buckets)
+        t = bucket_for(max(len(r.prompt_ids) for r in batch), self.prompt_buckets, error=RequestError)
         prompt = np.zeros((b, t), np.int32)
         lengths = np.ones((b,), np.int32)  # padding rows: one token, no budget
         max_tokens = np.zeros((b,), np.int32)
@@ -292,7 +271,7 @@ class Engine:
 
         context = max(sum(len(e.pages) for e in row) for row in entries) * s.page_tokens
         if context:
-            c = bucket_for(context, self.context_buckets)
+            c = bucket_for(context, self.context_buckets, error=RequestError)
             table, mask = self.pool.page_table(entries + [[]] * (b - len(batch)), c)
             state, ctx = prefill_with_pages(self.params, self.pool.k, self.pool.v, table, mask, prompt, lengths,
                                             key, temperature, top_p, **prefill_static)

@@ -6,10 +6,10 @@ tokens stores L + extra_tokens tokens and owns ceil((L + extra_tokens) / page_to
 partly filled).
 
 What a page holds is the pool's chunk processor's output (`processor(params, tokens, mask, *, cfg, dtype) -> k, v
-[layers, B, L + extra_tokens, K, D]`, row b's stored tokens first): by default Comb PICaches (`comb_chunks`, E cross
-layers, extra 0; the serving engine's pool); `backbone_chunks` stores the backbone's own KV of each chunk alone
-(N layers: the naive / rerotate / epic chunk caches of `pic_modes.PicRunner`), `kvpacket.packet_chunks` that KV
-followed by the KV Packet trailer (extra_tokens = P).
+[layers, B, L + extra_tokens, K, D]`, row b's stored tokens first): by default Comb PICaches
+(`methods.comb.comb_chunks`, E cross layers, extra 0; the serving engine's pool); `methods.naive.backbone_chunks`
+stores the backbone's own KV of each chunk alone (N layers: the naive / rerotate / epic chunk caches of
+`pic_modes.PicRunner`), `methods.kvpacket.packet_chunks` that KV followed by the KV Packet trailer (extra_tokens = P).
 
 Index: key = sha256(fingerprint of encoder weights + tokenizer, token ids); a hit also compares the ids
 themselves, so a hash collision can never serve the wrong chunk. Entries carry a reference count (requests
@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import ModelConfig, ServeConfig
+from comb_jax.methods.comb import comb_chunks
+from comb_jax.model.buckets import bucket_for
 from comb_jax.model.sharding import logical_sharding
-from comb_jax.model.transformer import encode, forward, init_kv_cache
 from comb_jax.serving import quant
 from comb_jax.serving.joint_pages import PageSharing
 
@@ -104,18 +105,9 @@ def pool_pages(serve: ServeConfig, cfg: ModelConfig, dtype, bytes_limit: int | N
     return max(1, serve.pool_tokens // serve.page_tokens)
 
 
-def comb_chunks(params, tokens, mask, *, cfg: ModelConfig, dtype=jnp.float32):
-    """Chunk processor of the Comb pool: the encoder on tokens, mask [B, L] -> PICache k, v [E, B, L, K, D]."""
-    cache = encode(params, tokens, mask, cfg, dtype)
-    return cache.k, cache.v
-
-
-def backbone_chunks(params, tokens, mask, *, cfg: ModelConfig, dtype=jnp.float32):
-    """Chunk processor of a backbone-KV pool: the decoder's own KV of each row of tokens [B, L] computed alone at
-    positions 0..L-1 (mask [B, L]: its real tokens, a prefix of the row) -> k, v [N, B, L, K, D]."""
-    cache = init_kv_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
-    _, cache = forward(params, tokens, cfg, None, cache, mask.sum(-1).astype(jnp.int32), dtype)
-    return cache.k, cache.v
+def entry_key(fingerprint: str, ids) -> str:
+    """The key of a chunk's entry in every tier (pool, host memory, disk): sha256 of the model fingerprint and ids."""
+    return hashlib.sha256(fingerprint.encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
 
 
 class PagePool:
@@ -153,7 +145,7 @@ class PagePool:
     # -- index --------------------------------------------------------------------------------------------
 
     def key(self, ids) -> str:
-        return hashlib.sha256(self.fingerprint.encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
+        return entry_key(self.fingerprint, ids)
 
     def find(self, ids) -> Entry | None:
         ids = tuple(int(i) for i in ids)
@@ -269,7 +261,7 @@ class PagePool:
         length bucket."""
         by_bucket: dict[int, list[Entry]] = {}
         for e in entries:
-            by_bucket.setdefault(bucket_for(e.length, self.serve.chunk_buckets), []).append(e)
+            by_bucket.setdefault(bucket_for(e.length, self.serve.chunk_buckets, error=RequestError), []).append(e)
         for length, group in sorted(by_bucket.items()):
             for start in range(0, len(group), batch):
                 part = group[start:start + batch]
@@ -303,14 +295,6 @@ class PagePool:
                 mask[row, slot * pt: slot * pt + self.stored_tokens(e)] = True
                 slot += len(e.pages)
         return table, mask
-
-
-def bucket_for(n: int, buckets) -> int:
-    """Smallest bucket >= n."""
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    raise RequestError(f"{n} tokens exceed the largest bucket {max(buckets)}")
 
 
 @functools.lru_cache

@@ -1,4 +1,6 @@
-"""OpenAI request bodies -> what the scheduler runs; every problem is an `APIError` naming the field.
+"""Request validation for both front ends: OpenAI request bodies (HTTP) -> what the scheduler runs, and the field
+checks the batch JSONL mode (`serving.batch`) shares with them. Every problem names the field: an `APIError` over
+HTTP, a `FieldError` (a `RequestError`) in the batch.
 
 Chat and text completions take the OpenAI fields we support (model, messages | prompt, max_tokens /
 max_completion_tokens, temperature, top_p, stop, seed, n=1, stream, stream_options) plus `documents`: a list of
@@ -8,11 +10,12 @@ earlier request). Each document is one chunk: its PICache is looked up in every 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from comb_jax.model.tokenizer import chat_prompt_ids
+from comb_jax.serving.pool import RequestError
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
@@ -89,26 +92,80 @@ def json_kind(v) -> str:
     return "null"
 
 
+class FieldError(RequestError):
+    """A request field that breaks its rule; `param` names it (the batch reports the message, HTTP a 400)."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def shown(value) -> str:
+    """A value as an error message quotes it (short; never fails on a huge integer)."""
+    try:
+        text = json.dumps(value) if isinstance(value, (bool, str)) or value is None else repr(value)
+    except ValueError:  # an integer too long to print
+        return "a very large integer"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def got(value) -> str:
+    return "null" if value is None else f"{json_kind(value)} {shown(value)}"
+
+
+def integer_field(name: str, v, lo: int, hi: int) -> int:
+    """`v` as an integer in [lo, hi], else FieldError naming `name`."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise FieldError(name, f"'{name}' must be an integer, got {got(v)}")
+    if not lo <= v <= hi:
+        raise FieldError(name, f"'{name}' must be in [{lo}, {hi}], got {shown(v)}")
+    return v
+
+
+def number_field(name: str, v, lo: float, hi: float, lo_open: bool = False) -> float:
+    """`v` as a finite number in [lo, hi] (or (lo, hi]), else FieldError naming `name`."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FieldError(name, f"'{name}' must be a number, got {got(v)}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise FieldError(name, f"'{name}' must be a finite number, got {v}")
+    if not ((lo < v) if lo_open else (lo <= v)) or not v <= hi:  # exact for huge ints too (no float overflow)
+        raise FieldError(name, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {shown(v)}")
+    return float(v)
+
+
+def check_turns(messages, check_turn: Callable[[int, dict], dict]) -> list[dict]:
+    """A non-empty array of message objects, each checked (and normalised) by `check_turn(i, message)`, with at
+    least one user turn; FieldError naming the field otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise FieldError("messages", f"'messages' must be a non-empty array of {{role, content}} objects, got "
+                                     f"{json_kind(messages)}")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise FieldError(f"messages[{i}]", f"'messages[{i}]' must be an object {{role, content}}, got "
+                                               f"{json_kind(m)}")
+        turns.append(check_turn(i, m))
+    if not any(t["role"] == "user" for t in turns):
+        raise FieldError("messages", "'messages' need at least one user turn")
+    return turns
+
+
+def _http(check, *args):
+    """A shared field check, its FieldError as the HTTP 400 naming the field."""
+    try:
+        return check(*args)
+    except FieldError as e:
+        raise bad(e.param, str(e)) from None
+
+
 def _number(body, name, default, lo, hi, lo_open=False) -> float:
     v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(name, f"'{name}' must be a finite number, got {json_kind(v)}")
-    if not ((lo < v) if lo_open else (lo <= v)) or v > hi:
-        raise bad(name, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
-    return float(v)
+    return default if v is None else _http(number_field, name, v, lo, hi, lo_open)
 
 
 def _integer(body, name, default, lo, hi) -> int:
     v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise bad(name, f"'{name}' must be an integer, got {json_kind(v)}")
-    if not lo <= v <= hi:
-        raise bad(name, f"'{name}' must be in [{lo}, {hi}], got {v}")
-    return v
+    return default if v is None else _http(integer_field, name, v, lo, hi)
 
 
 def _check_fields(body, allowed: set[str]):
@@ -216,10 +273,6 @@ def _content(message, where: str) -> str:
                                   f"{json_kind(content)}")
 
 
-def _inline(texts: list[str]) -> str:
-    return "Context:\n" + "\n\n".join(texts) + "\n\nQuestion: "
-
-
 def _document_texts(docs: list[Document], codec) -> list[str]:
     return [d.text if d.text is not None else codec.decode(d.ids) for d in docs]
 
@@ -228,34 +281,24 @@ def parse_chat(body, ctx: ParseContext) -> Generation:
     _check_fields(body, CHAT_FIELDS)
     gen = Generation([])
     _common(body, ctx, gen, budget_field="max_completion_tokens")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages", f"'messages' must be a non-empty array of {{role, content}} objects, got "
-                              f"{json_kind(messages)}")
-    turns = []
-    for i, m in enumerate(messages):
+
+    def turn(i, m):
         where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(where, f"'{where}' must be an object {{role, content}}, got {json_kind(m)}")
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}")
-        turns.append({"role": "system" if role == "developer" else role, "content": _content(m, where)})
-    if not any(t["role"] == "user" for t in turns):
-        raise bad("messages", "'messages' need at least one user turn")
+        return {"role": "system" if role == "developer" else role, "content": _content(m, where)}
+
+    turns = _http(check_turns, body.get("messages"), turn)
     docs = parse_documents(body.get("documents"), ctx)
-    last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    inline = None
     if ctx.mode == "full" and docs:  # the baseline reads the documents as prompt text
-        turns[last_user]["content"] = _inline(_document_texts(docs, ctx.codec)) + turns[last_user]["content"]
+        inline = _document_texts(docs, ctx.codec)
         gen.inline_document_tokens = sum(len(d.ids) for d in docs)
         docs = []
     gen.documents = docs
-    codec = ctx.codec
     try:
-        if codec.tok is None:  # the byte-level toy has no chat template: the last user turn is the question
-            gen.prompt_ids = codec.prompt_ids(turns[last_user]["content"])
-        else:
-            gen.prompt_ids = chat_prompt_ids(codec.tok, messages=turns)
+        gen.prompt_ids = ctx.codec.messages_ids(turns, inline)
     except Exception as e:  # a chat template that rejects these turns
         raise bad("messages", f"'messages' could not be rendered: {type(e).__name__}: {e}") from None
     return gen

@@ -25,10 +25,11 @@ from typing import Callable
 import jax
 import numpy as np
 
+from comb_jax.model.buckets import bucket_for
 from comb_jax.model.decode import prefill
 from comb_jax.serving.engine import Engine, Request, prefill_with_pages
 from comb_jax.serving.metrics import TIERS, ServerMetrics
-from comb_jax.serving.pool import Entry, PoolFullError, RequestError, bucket_for, write_chunks
+from comb_jax.serving.pool import Entry, PoolFullError, RequestError, write_chunks
 from comb_jax.serving.protocol import APIError, Document, Generation
 from comb_jax.serving.slots import decode_step, init_slots, insert
 from comb_jax.serving.store import (
@@ -443,7 +444,7 @@ class Scheduler:
     def _prefill(self, prompt_ids, entries: list[Entry], seed, temperature: float, top_p: float):
         """Prefill one prompt reading `entries`' pages -> (DecodeState of batch 1, CrossContext or None)."""
         e, s = self.engine, self.engine.serve
-        t = bucket_for(len(prompt_ids), e.prompt_buckets)
+        t = bucket_for(len(prompt_ids), e.prompt_buckets, error=RequestError)
         prompt = np.zeros((1, t), np.int32)
         prompt[0, :len(prompt_ids)] = prompt_ids
         lengths = np.array([len(prompt_ids)], np.int32)
@@ -453,7 +454,7 @@ class Scheduler:
         if not self.context_tokens:
             return prefill(e.params, prompt, lengths, None, rng, temp, top, **static), None
         context = max(1, sum(len(x.pages) for x in entries) * s.page_tokens)
-        table, mask = self.pool.page_table([entries], bucket_for(context, e.context_buckets))
+        table, mask = self.pool.page_table([entries], bucket_for(context, e.context_buckets, error=RequestError))
         return prefill_with_pages(e.params, self.pool.k, self.pool.v, table, mask, prompt, lengths, rng, temp, top,
                                   **static)
 

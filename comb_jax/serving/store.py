@@ -32,6 +32,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from comb_jax.serving.pool import entry_key  # the one key of an entry in every tier
+
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
@@ -48,10 +50,6 @@ def store_fingerprint(pool_fingerprint: str, layout: dict[str, tuple[str, tuple[
     text = json.dumps({"format": STORE_FORMAT, "pool": pool_fingerprint,
                        "layout": {k: [d, list(s)] for k, (d, s) in sorted(layout.items())}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def entry_key(fingerprint: str, ids) -> str:
-    return hashlib.sha256(fingerprint.encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
 
 
 def checksum(ids, arrays: dict[str, np.ndarray]) -> str:

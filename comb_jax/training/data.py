@@ -1,8 +1,7 @@
 """Training data: (chunks, question, answer) examples, self-distillation targets and a grain pipeline.
 
 - `squad_examples`, `xsum_examples`, `jsonl_examples` read real text (through `datasets`) into `Example`s.
-- `Codec` turns text into ids the same way everywhere: the Hugging Face chat template for real models, a
-  byte-level toy (vocab 256, id 0 ends an answer) for random-weight configs, so tests need no tokenizer.
+- text becomes ids through `text.codec.Codec`, the same way in training, serving and eval.
 - `teacher_targets` asks the frozen backbone for its own greedy answer with the whole context inlined in the
   prompt, once, and caches the answers on disk with their provenance.
 - `train_iterator` is the grain pipeline: seeded shuffle (reshuffled each epoch), tokenization, batching into
@@ -21,18 +20,23 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
+
+from comb_jax.errors import DataError
+from comb_jax.model.buckets import bucket_for
+from comb_jax.model.decode import generate
+from comb_jax.model.layout import flatten_names
+from comb_jax.text.codec import Codec
+from comb_jax.text.prompt import PROMPT_FORMAT
 
 NO_ANSWER = "No information is provided in the context."
 SUMMARY_INSTRUCTION = "Summarize the documents above in one sentence."
-# Bump when the prompt wording changes: it is part of the teacher cache's provenance.
-PROMPT_FORMAT = "v1: user turn = 'Context:\\n' + chunks joined by blank lines + '\\n\\nQuestion: ' + question"
 SQUAD_FILE = "squad_v2_dev_cs224n/dev-v2.0.json"
 XSUM_FILE = "xsum_test_1k/test.jsonl"
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class Example:
 
 
 def _load_json_rows(path: Path, field: str | None = None):
-    import datasets
+    import datasets  # heavy: only when a data set is read
 
     datasets.disable_progress_bars()
     if not path.is_file():
@@ -178,91 +182,11 @@ def load_examples(tc, data_dir: str | Path, split: str) -> list[Example]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Text <-> ids
-
-
-class Codec:
-    """Prompt/answer tokenization. `tok=None` is the byte-level toy (vocab 256, id 0 ends a turn)."""
-
-    def __init__(self, tok=None):
-        self.tok = tok
-        if tok is None:
-            self.stop_ids: tuple[int, ...] = (0,)
-        else:
-            from comb_jax.model.tokenizer import stop_ids
-
-            self.stop_ids = stop_ids(tok)
-
-    @property
-    def name(self) -> str:
-        return "bytes" if self.tok is None else f"{type(self.tok).__name__}:{self.tok.name_or_path}:{len(self.tok)}"
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of user text (chunks, answers): a control token's spelling inside it is text, never control."""
-        if self.tok is None:
-            return list(text.encode("utf-8"))
-        from comb_jax.model.tokenizer import text_ids
-
-        return text_ids(self.tok, text)
-
-    def encode_markup(self, text: str) -> list[int]:
-        """Ids of chat-template text, whose control tokens (`<|im_start|>`) are control tokens."""
-        if self.tok is None:
-            return list(text.encode("utf-8"))
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        for i, t in enumerate(ids):
-            if t in self.stop_ids:
-                ids = ids[:i]
-                break
-        if self.tok is None:
-            return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def prompt_ids(self, question: str) -> list[int]:
-        """The student's prompt: the question alone (its context arrives as PICaches)."""
-        if self.tok is None:
-            return self.encode(f"Q: {question}\nA: ")
-        from comb_jax.model.tokenizer import chat_prompt_ids
-
-        return chat_prompt_ids(self.tok, question)
-
-    def teacher_prompt_ids(self, chunks, question: str) -> list[int]:
-        """The teacher's prompt: the whole context inlined before the question (see PROMPT_FORMAT)."""
-        return self.prompt_ids("Context:\n" + "\n\n".join(chunks) + "\n\nQuestion: " + question)
-
-    def answer_ids(self, answer: str) -> list[int]:
-        """Answer text followed by the end-of-turn id the model should learn to emit."""
-        return self.encode(answer) + [self.stop_ids[-1] if self.tok is None else self._end_of_turn()]
-
-    def _end_of_turn(self) -> int:
-        for special in ("<|im_end|>", "<|eot_id|>"):
-            tid = self.tok.convert_tokens_to_ids(special)
-            if tid in self.stop_ids:
-                return tid
-        return self.stop_ids[0]
-
-
-def make_codec(cfg) -> Codec:
-    if cfg.weights.source == "random":
-        if cfg.model.vocab_size < 256:
-            raise DataError(f"the byte-level toy tokenizer needs vocab_size >= 256, config has {cfg.model.vocab_size}")
-        return Codec(None)
-    from comb_jax.model.tokenizer import load_tokenizer
-
-    return Codec(load_tokenizer(cfg))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Self-distillation targets
 
 
 def backbone_fingerprint(backbone) -> str:
     """sha256 over every backbone array (names, shapes, bytes): identifies the weights the teacher used."""
-    from comb_jax.model.layout import flatten_names
-
     h = hashlib.sha256()
     for name, leaf in sorted(flatten_names(backbone).items()):
         arr = np.ascontiguousarray(np.asarray(leaf))
@@ -281,25 +205,12 @@ def teacher_provenance(cfg, codec: Codec, fingerprint: str, examples: list[Examp
             "compute_dtype": cfg.compute_dtype, "examples": ids}
 
 
-def _bucket(n: int, buckets, what: str) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise DataError(f"{what} of {n} tokens exceeds the largest bucket {max(buckets)}")
-
-
 def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_path: str | Path,
                     progress: bool = True) -> list[Example]:
     """Examples whose `answer` is the backbone's greedy answer to the full-context prompt (cached on disk).
 
     The cache file's first line holds the provenance; a file with other provenance is regenerated.
     """
-    import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    from comb_jax.model.decode import generate
-
     cache_path = Path(cache_path)
     provenance = teacher_provenance(cfg, codec, backbone_fingerprint(params["backbone"]), examples)
     if cache_path.is_file():
@@ -369,9 +280,9 @@ def collate(features: list[dict], tc) -> dict[str, np.ndarray]:
     """Pad a list of tokenized examples into fixed bucket shapes (see the module docstring)."""
     b = len(features)
     n = max(len(f["chunks"]) for f in features)
-    lc = _bucket(max(len(c) for f in features for c in f["chunks"]), tc.chunk_buckets, "chunk")
-    td = _bucket(max(len(f["prompt"]) + len(f["answer"]) - 1 for f in features), tc.decoder_buckets,
-                 "decoder sequence")
+    lc = bucket_for(max(len(c) for f in features for c in f["chunks"]), tc.chunk_buckets, "chunk", DataError)
+    td = bucket_for(max(len(f["prompt"]) + len(f["answer"]) - 1 for f in features), tc.decoder_buckets,
+                    "decoder sequence", DataError)
     chunk_tokens = np.zeros((b, n, lc), np.int32)
     chunk_mask = np.zeros((b, n, lc), bool)
     tokens = np.zeros((b, td), np.int32)
@@ -395,8 +306,8 @@ def collate(features: list[dict], tc) -> dict[str, np.ndarray]:
 def _teacher_arrays(features: list[dict], td: int, tc) -> dict[str, np.ndarray]:
     """teacher_tokens [B, S]: full-context prompt + answer; teacher_index [B, td]: for each student position
     whose target is answer token j, the teacher position whose target is the same token (0 elsewhere)."""
-    buckets = sorted(tc.teacher_buckets)
-    s = _bucket(max(len(f["teacher_prompt"]) + len(f["answer"]) - 1 for f in features), buckets, "teacher sequence")
+    s = bucket_for(max(len(f["teacher_prompt"]) + len(f["answer"]) - 1 for f in features), tc.teacher_buckets,
+                   "teacher sequence", DataError)
     teacher_tokens = np.zeros((len(features), s), np.int32)
     teacher_index = np.zeros((len(features), td), np.int32)
     for i, f in enumerate(features):
@@ -409,8 +320,6 @@ def _teacher_arrays(features: list[dict], td: int, tc) -> dict[str, np.ndarray]:
 
 def train_dataset(examples: list[Example], codec: Codec, tc, seed: int):
     """grain MapDataset of batches: shuffled by `seed` (a new order each epoch), repeated forever."""
-    import grain
-
     if len(examples) < tc.batch_size:
         raise DataError(f"{len(examples)} training examples cannot fill one batch of {tc.batch_size}")
     return (grain.MapDataset.source(examples)

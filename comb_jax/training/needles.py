@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
+from comb_jax.paths import DEFAULT_DATA_DIR
+
 SOURCES = {"dev": "squad_v2_dev_cs224n/dev-v2.0.json", "train": "squad_train/train-v1.1-explorer-reconstructed.json"}
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st", "th"]
@@ -206,7 +207,8 @@ _FAMILIES = {
         "year": (["the {e} opened its doors for the first time in {v}.", "the {e} has existed since {v}.",
                   "the story of the {e} begins in {v}."],
                  ["Since which year has the {e} existed?", "The {e} first opened in which year?"]),
-        "birthplace": (["{e} hails from the small village of {v}.", "{e} is a native of the village of {v}.", "the village of {v} is the home village of {e}."],
+        "birthplace": (["{e} hails from the small village of {v}.", "{e} is a native of the village of {v}.",
+                        "the village of {v} is the home village of {e}."],
                        ["Which village is {e} a native of?", "Name the home village of {e}."]),
         "code": (["the access code for {e} is {v}.", "to reach {e}, staff use the access code {v}.",
                   "{e} can be reached with the access code {v}."],

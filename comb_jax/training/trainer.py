@@ -1,9 +1,11 @@
-"""Training Comb: loss, optimizer, a sharded jit train step, and the training loop with eval and checkpoints.
+"""Training: optimizer, a sharded jit train step, and the training loop with checkpoints and an eval hook.
 
 Only the trainable subtree is differentiated and carries AdamW state: `params["comb"]`, or with
-`train.objective=kvpacket` the KV Packet adapter `params["kvpacket"]` (`layout.trainable_layout`; the same loop,
-data sources, checkpoints and metrics train both). The frozen backbone is a separate argument of the step. Master
-weights are float32; the model computes in `cfg.compute_dtype` (bfloat16 on accelerators).
+`train.objective=kvpacket` the KV Packet adapter `params["kvpacket"]`. What is trained and how is an `Objective`
+value (`training.objectives`): the same loop, data sources, checkpoints and metrics train every one. The frozen
+backbone is a separate argument of the step. Master weights are float32; the model computes in
+`cfg.compute_dtype` (bfloat16 on accelerators). Held-out evaluation is a function the caller passes in
+(`evaluate`; `cli.train` wires `eval.in_training`), so training never imports eval.
 """
 
 from __future__ import annotations
@@ -12,168 +14,41 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
-from comb_jax.model.layout import abstract_params, count_params, model_layout, trainable_layout
+from comb_jax.model.buckets import bucket_for
+from comb_jax.model.layout import abstract_params, count_params, model_layout
 from comb_jax.model.sharding import logical_sharding, make_mesh, param_shardings, replicated
-from comb_jax.model.transformer import PICache, encode, forward_with_taps, lm_logits, rms_norm
+from comb_jax.paths import data_dir
+from comb_jax.text.codec import make_codec
 from comb_jax.training import checkpoint as ckpt
 from comb_jax.training import data as data_lib
+from comb_jax.training.objectives import LOSS_TERMS, Objective, calibrate_kv_scale, objective_for
+from comb_jax.weights.resolve import load_backbone
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 # Dense bf16 peak FLOP/s per device, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12,
               "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
-
-
-LOSS_TERMS = ("loss", "ce", "kl", "hidden")
 
 
 class TrainingDiverged(FloatingPointError):
     pass
 
 
+# evaluate(trainable, placed backbone, eval examples, codec) -> {"eval_loss": float, ...}
+Evaluate = Callable[[Any, Any, list, Any], dict]
+
+
 class TrainState(NamedTuple):
     step: jax.Array  # [] int32
-    comb: Any  # the trainable subtree (`trainable_layout`: Comb, or the KV Packet adapter), float32 master copy
+    comb: Any  # the trainable subtree (`Objective.layout`: Comb, or the KV Packet adapter), float32 master copy
     opt_state: Any  # AdamW state of `comb` only
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loss
-
-
-def batch_picache(params, chunk_tokens, chunk_mask, cfg, dtype, remat: bool = False) -> PICache:
-    """Encode every chunk on its own, then join each example's chunks along the context axis.
-
-    chunk_tokens, chunk_mask [B, n, L] -> PICache with k, v [E, B, n * L, K, D] and mask [B, n * L].
-    """
-    b, n, length = chunk_tokens.shape
-    cache = encode(params, chunk_tokens.reshape(b * n, length), chunk_mask.reshape(b * n, length), cfg.model, dtype,
-                   remat)
-    e, _, _, kv, d = cache.k.shape
-    return PICache(cache.k.reshape(e, b, n * length, kv, d), cache.v.reshape(e, b, n * length, kv, d),
-                   chunk_mask.reshape(b, n * length))
-
-
-def backbone_chunk_kv(backbone, tokens, mask, cfg):
-    """The frozen backbone's own pre-RoPE K and V of each chunk at the cross layers: the `objective=kv` targets.
-
-    tokens, mask [C, L] (one chunk per row) -> (k, v [E, C, L, K, D] float32, weight [1, C, L, 1, 1]). Layer c_k's
-    k/v projections of its attention-normed input, with the backbone run on the chunk alone (causal, positions
-    0..L-1). `weight` is 1 on real tokens but each chunk's first: in the causal backbone that token is an
-    attention sink with outsized activations, which the bidirectional encoder has no reason to copy.
-    """
-    m = cfg.model
-    _, taps = jax.lax.stop_gradient(forward_with_taps({"backbone": backbone}, tokens, m,
-                                                      dtype=jnp.dtype(cfg.compute_dtype)))
-    source = jax.tree.map(lambda a: a[np.asarray(m.cross_layers)].astype(jnp.float32), backbone["layers"])
-    normed = rms_norm(taps.astype(jnp.float32), source["attn_norm"][:, None, None, :], m.rms_eps)
-    k = jnp.einsum("xble,xekd->xblkd", normed, source["wk"])
-    v = jnp.einsum("xble,xekd->xblkd", normed, source["wv"])
-    weight = (mask & (jnp.arange(tokens.shape[1]) > 0)[None, :]).astype(jnp.float32)[None, :, :, None, None]
-    return k, v, weight
-
-
-def _chunks_of(batch):
-    b, n, length = batch["chunk_tokens"].shape
-    return batch["chunk_tokens"].reshape(b * n, length), batch["chunk_mask"].reshape(b * n, length)
-
-
-def kv_distill_loss(comb, backbone, batch, cfg):
-    """`objective=kv`: the encoder's PICache regressed onto `backbone_chunk_kv` of the same chunks.
-
-    The error is a relative squared error per layer (summed over the chunks' tokens, divided by the target's sum
-    of squares), averaged over layers and K/V. Returns the same (loss, metrics) as `loss_fn` (answer_tokens = tokens
-    counted).
-    """
-    tokens, mask = _chunks_of(batch)
-    cache = encode({"backbone": backbone, "comb": comb}, tokens, mask, cfg.model, jnp.dtype(cfg.compute_dtype),
-                   cfg.train.remat)
-    target_k, target_v, weight = backbone_chunk_kv(backbone, tokens, mask, cfg)
-    sq = lambda x: (weight * x ** 2).sum(axis=(1, 2, 3, 4))  # noqa: E731
-    errors = [sq(ours.astype(jnp.float32) - target) / jnp.maximum(sq(target), 1e-6)
-              for ours, target in ((cache.k, target_k), (cache.v, target_v))]
-    loss = jnp.mean(jnp.stack(errors))
-    zero = jnp.zeros((), jnp.float32)
-    return loss, {"loss": loss, "ce": zero, "kl": zero, "hidden": zero, "answer_tokens": weight.sum()}
-
-
-def calibrate_kv_scale(comb, backbone, batch, cfg) -> dict:
-    """Rescale each layer's encoder k_proj / v_proj by the least-squares scalar that best maps its output onto
-    `backbone_chunk_kv` on `batch`. The spec's k/v projections read the encoder's un-normed residual stream while
-    the decoder's read an attention-normed one, so warm-copied projections come out tens of times too large; AdamW,
-    moving each weight by about lr per step, would need hundreds of steps to shrink them."""
-    tokens, mask = _chunks_of(batch)
-    cache = encode({"backbone": backbone, "comb": comb}, tokens, mask, cfg.model)
-    target_k, target_v, weight = backbone_chunk_kv(backbone, tokens, mask, cfg)
-    scale = lambda ours, target: ((weight * ours * target).sum(axis=(1, 2, 3, 4))  # noqa: E731
-                                  / jnp.maximum((weight * ours * ours).sum(axis=(1, 2, 3, 4)), 1e-12))
-    enc = comb["encoder"]
-    k_scale, v_scale = scale(cache.k, target_k), scale(cache.v, target_v)
-    encoder = dict(enc, k_proj=enc["k_proj"] * k_scale[:, None, None, None],
-                   v_proj=enc["v_proj"] * v_scale[:, None, None, None])
-    return dict(comb, encoder=encoder)
-
-
-def objective_loss(comb, backbone, batch, cfg):
-    """The loss of `cfg.train.objective`: `loss_fn` ("answer"), `kv_distill_loss` ("kv") or, with `comb` the KV
-    Packet adapter, `kvpacket.kvpacket_loss` ("kvpacket")."""
-    if cfg.train.objective == "kv":
-        return kv_distill_loss(comb, backbone, batch, cfg)
-    if cfg.train.objective == "kvpacket":
-        from comb_jax.eval.kvpacket import kvpacket_loss
-
-        loss, metrics = kvpacket_loss(comb, backbone, batch, cfg, kl_weight=1.0,
-                                      ce_weight=cfg.train.kvpacket_ce_weight)
-        return loss, dict(metrics, hidden=jnp.zeros((), jnp.float32))
-    return loss_fn(comb, backbone, batch, cfg)
-
-
-def loss_fn(comb, backbone, batch, cfg):
-    """Mean cross-entropy over answer tokens, plus distillation from the full-prompt backbone on the same tokens.
-
-    - kl_weight * KL(teacher || student) of the next-token distributions;
-    - hidden_weight * the hidden-state distillation term: for each cross block k, the squared distance between
-      the student's residual stream after the block and the teacher's at the same depth (the input of decoder
-      layer c_k), both seen through layer c_k's attention norm (what that layer reads), averaged over blocks.
-    batch: chunk_tokens/chunk_mask [B, n, L], tokens/targets/loss_mask [B, T] and, with either term,
-    teacher_tokens [B, S] (context inlined) and teacher_index [B, T] (the teacher position predicting the same
-    answer token). Returns (loss, {"loss", "ce", "kl", "hidden", "answer_tokens"}).
-    """
-    tc = cfg.train
-    dtype = jnp.dtype(cfg.compute_dtype)
-    params = {"backbone": backbone, "comb": comb}
-    picache = batch_picache(params, batch["chunk_tokens"], batch["chunk_mask"], cfg, dtype, tc.remat)
-    hidden, taps = forward_with_taps(params, batch["tokens"], cfg.model, picache, dtype=dtype, remat=tc.remat)
-    log_probs = jax.nn.log_softmax(lm_logits(params, hidden), axis=-1)
-    mask = batch["loss_mask"]
-    count = jnp.maximum(mask.sum(), 1.0)
-    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
-    ce = (nll * mask).sum() / count
-    kl = hidden_term = jnp.zeros((), jnp.float32)
-    if tc.kl_weight > 0 or tc.hidden_weight > 0:
-        teacher_hidden, teacher_taps = jax.lax.stop_gradient(
-            forward_with_taps({"backbone": backbone}, batch["teacher_tokens"], cfg.model, dtype=dtype))
-        index = batch["teacher_index"]
-        if tc.kl_weight > 0:
-            teacher_hidden = jnp.take_along_axis(teacher_hidden, index[..., None], axis=1)
-            teacher_log_probs = jax.lax.stop_gradient(jax.nn.log_softmax(lm_logits(params, teacher_hidden), -1))
-            per_token = (jnp.exp(teacher_log_probs) * (teacher_log_probs - log_probs)).sum(-1)
-            kl = (per_token * mask).sum() / count
-        if tc.hidden_weight > 0:
-            teacher_taps = jnp.take_along_axis(teacher_taps, index[None, ..., None], axis=2)  # [E, B, T, embed]
-            norms = backbone["layers"]["attn_norm"][np.asarray(cfg.model.cross_layers)][:, None, None, :]
-            seen = lambda x: rms_norm(x.astype(jnp.float32), norms.astype(jnp.float32), cfg.model.rms_eps)
-            per_token = jnp.mean((seen(taps) - seen(teacher_taps)) ** 2, axis=(0, 3))  # [B, T]
-            hidden_term = (per_token * mask).sum() / count
-    loss = ce + tc.kl_weight * kl + tc.hidden_weight * hidden_term
-    return loss, {"loss": loss, "ce": ce, "kl": kl, "hidden": hidden_term, "answer_tokens": mask.sum()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,7 +103,7 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 BATCH_AXES = {"chunk_tokens": ("batch", None, "seq"), "chunk_mask": ("batch", None, "seq"),
               "tokens": ("batch", "seq"), "targets": ("batch", "seq"), "loss_mask": ("batch", "seq"),
               "teacher_tokens": ("batch", "seq"), "teacher_index": ("batch", "seq"),
-              # objective=kvpacket batches (kvpacket.collate)
+              # objective=kvpacket batches (kvpacket_data.collate)
               "prefix_tokens": ("batch", "seq"), "prefix_len": ("batch",), "query_tokens": ("batch", "seq")}
 
 
@@ -250,7 +125,7 @@ def opt_state_shardings(abstract_opt_state, comb_shardings, mesh):
 
 
 def state_shardings(cfg, mesh, optimizer):
-    _, comb_layout = trainable_layout(cfg)
+    comb_layout = objective_for(cfg).layout(cfg)
     comb_sh = param_shardings(comb_layout, mesh)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params(comb_layout, jnp.dtype(cfg.param_dtype)))
     return TrainState(replicated(mesh), comb_sh, opt_state_shardings(abstract_opt, comb_sh, mesh))
@@ -273,7 +148,7 @@ def accumulated_grads(comb, backbone, batch, cfg, mesh):
     mean-over-answer-tokens gradient is weighted by its answer tokens, so the result is the whole batch's token
     mean (what one big step computes), at 1/A of the activation memory.
     """
-    grad_fn = jax.value_and_grad(objective_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(objective_for(cfg).loss, has_aux=True)
     accum = cfg.train.grad_accum_steps
     if accum == 1:
         (_, metrics), grads = grad_fn(comb, backbone, batch, cfg)
@@ -333,63 +208,6 @@ def place_backbone(cfg, mesh, backbone):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Eval
-
-
-def evaluate(state: TrainState, backbone, examples, codec, cfg, loss_step, max_new_tokens: int,
-             reference: dict | None = None) -> dict:
-    """Held-out metrics of the current Comb on `examples`.
-
-    eval_loss: answer-token CE on the training targets; eval_f1 / eval_contain: QA F1 and answer containment of the
-    greedy answers (decoded with the PICache) against the gold answers; eval_gap_closed: the context gap closed on
-    the gold answers (`eval.reading_nlls`: (nll_none - nll_comb) / (nll_none - nll_full)); eval_reading_gap_closed:
-    the part of it that needs the right chunks ((nll_comb_other - nll_comb) / (nll_none - nll_full), with each
-    question reading the next example's chunks): a Comb that learnt the answer style but does not read closes
-    the first and not the second. `reference` (a dict kept by the caller) caches the no-context and full-prompt
-    NLLs, which do not change during training.
-    """
-    from comb_jax.eval.harness import reading_nlls
-    from comb_jax.eval.metrics import contains_answer, qa_f1
-    from comb_jax.model.decode import generate
-
-    dtype = jnp.dtype(cfg.compute_dtype)
-    params = {"backbone": backbone, "comb": state.comb}
-    encode_fn = jax.jit(lambda p, t, m: batch_picache(p, t, m, cfg, dtype))
-    total_loss = total_tokens = 0.0
-    f1_gold, f1_target, contain, samples = [], [], [], []
-    contain_by_tag: dict[str, list[float]] = {}
-    for batch, real, part in data_lib.eval_batches(examples, codec, cfg.train):
-        _, metrics = loss_step(state.comb, backbone, batch)
-        total_loss += float(metrics["ce"]) * float(metrics["answer_tokens"])
-        total_tokens += float(metrics["answer_tokens"])
-        prompts = [codec.prompt_ids(e.question) for e in part]
-        width = -(-max(len(p) for p in prompts) // 16) * 16
-        tokens = np.zeros((len(part), width), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        picache = encode_fn(params, batch["chunk_tokens"], batch["chunk_mask"])
-        out, _ = generate(params, jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32), picache,
-                          cfg.model, max_new_tokens=max_new_tokens, stop_ids=codec.stop_ids, dtype=dtype)
-        out = np.asarray(out)
-        for i, e in enumerate(part[:real]):
-            answer = codec.decode(out[i]).strip()
-            f1_gold.append(qa_f1(answer, list(e.golds)))
-            f1_target.append(qa_f1(answer, e.answer))
-            contain.append(contains_answer(answer, list(e.golds)))
-            if e.tag:
-                contain_by_tag.setdefault(e.tag, []).append(contain[-1])
-            if len(samples) < 3:
-                samples.append({"question": e.question, "answer": answer, "target": e.answer})
-    reading = reading_nlls(params, cfg.model, codec, examples, cfg.train.max_chunk_tokens, dtype, cache=reference)
-    return {"eval_loss": total_loss / max(total_tokens, 1.0), "eval_f1": float(np.mean(f1_gold)),
-            "eval_f1_target": float(np.mean(f1_target)), "eval_contain": float(np.mean(contain)),
-            **{f"eval_contain_{tag}": float(np.mean(v)) for tag, v in sorted(contain_by_tag.items())},
-            **{f"eval_{k}": reading[k] for k in ("nll_none", "nll_comb", "nll_full", "nll_comb_other", "gap_closed",
-                                                 "reading_gap_closed")},
-            "eval_samples": samples}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -432,9 +250,9 @@ def resolve_targets(cfg) -> str:
 
 def prepare_examples(cfg, codec, backbone_params, run_dir: Path, progress: bool):
     """(train, eval) examples with their training targets (teacher answers cached in the run dir)."""
-    data_dir = Path(cfg.train.data_dir) if cfg.train.data_dir else DEFAULT_DATA_DIR
-    train_ex = data_lib.load_examples(cfg.train, data_dir, "train")
-    eval_ex = data_lib.load_examples(cfg.train, data_dir, "eval")
+    where = data_dir(cfg.train.data_dir)
+    train_ex = data_lib.load_examples(cfg.train, where, "train")
+    eval_ex = data_lib.load_examples(cfg.train, where, "eval")
     if resolve_targets(cfg) == "teacher":
         train_ex = data_lib.teacher_targets(train_ex, backbone_params, cfg, codec, run_dir / "teacher_train.jsonl",
                                             progress)
@@ -444,17 +262,15 @@ def prepare_examples(cfg, codec, backbone_params, run_dir: Path, progress: bool)
 
 
 def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | None = None,
-          backbone=None, examples=None) -> dict:
+          backbone=None, examples=None, evaluate: Evaluate | None = None, objective: Objective | None = None) -> dict:
     """Train `cfg`; returns a summary. `stop_after` ends the loop early without a final save (a simulated kill).
 
     `backbone` (host arrays) and `examples` ((train, eval) lists) may be passed in to skip loading them.
+    `evaluate(trainable, backbone, eval_examples, codec)` -> {"eval_loss", ...} runs every `eval_every` steps (none:
+    no eval); `objective` defaults to the one `train.objective` names.
     """
-    from tqdm import tqdm
-
-    from comb_jax.model.weights import load_backbone
-    from comb_jax.training.warm_start import init_comb
-
     tc = cfg.train
+    objective = objective or objective_for(cfg)
     if cfg.model.context_encoding != "per_chunk" or cfg.model.context_bos:
         raise ValueError(f"training encodes each chunk on its own without BOS; model.context_encoding="
                          f"{cfg.model.context_encoding!r} / context_bos={cfg.model.context_bos} are for serving "
@@ -465,15 +281,12 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     check_batch_divides(cfg, mesh)
     backbone_host = load_backbone(cfg) if backbone is None else backbone
     backbone = place_backbone(cfg, mesh, backbone_host)
-    codec = data_lib.make_codec(cfg)
+    codec = make_codec(cfg)
     if examples is None:
         examples = prepare_examples(cfg, codec, {"backbone": backbone}, run_dir, progress)
     train_ex, eval_ex = examples
-    trainable, trainable_tree = trainable_layout(cfg)
-    if trainable == "kvpacket":
-        from comb_jax.eval import kvpacket
-    iterator = (kvpacket.train_iterator(train_ex, codec, tc, tc.seed) if trainable == "kvpacket"
-                else data_lib.train_iterator(train_ex, codec, tc))
+    trainable_tree = objective.layout(cfg)
+    iterator = objective.batches(train_ex, codec, tc, tc.seed)
 
     optimizer = make_optimizer(tc)
     manager = ckpt.make_manager(ckpt.checkpoint_root(run_dir), tc.keep_checkpoints)
@@ -484,10 +297,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
         if not resume and manager.latest_step() is not None:
             raise FileExistsError(f"{ckpt.checkpoint_root(run_dir)} already has checkpoints: pass --resume to "
                                   "continue, or choose another train.run_dir")
-        if trainable == "kvpacket":
-            comb = kvpacket.init_kvpacket(backbone_host, tc.kvpacket_tokens, codec.encode(kvpacket.TRAILER_INIT_TEXT))
-        else:
-            comb = init_comb(cfg, backbone_host, jax.random.key(tc.seed))
+        comb = objective.init(cfg, backbone_host, codec, jax.random.key(tc.seed))
         if tc.objective == "kv" and not tc.init_checkpoint:  # a batch from its own stream: the run's is untouched
             calibration = next(data_lib.train_iterator(train_ex, codec, tc, seed=tc.seed + 1))
             comb = jax.jit(lambda c, bb, b: calibrate_kv_scale(c, bb, b, cfg))(comb, backbone, calibration)
@@ -506,7 +316,6 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     data_state = iterator.get_state()  # before each batch is drawn: what a checkpoint of the kept state needs
     first = next(iterator)
     train_step = make_train_step(cfg, mesh, optimizer, first)
-    loss_step = jax.jit(lambda comb, bb, batch: loss_fn(comb, bb, batch, cfg))
     schedule = learning_rate(tc)
     peak = peak_flops(jax.devices()[0])
     flops = {}
@@ -517,14 +326,8 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     batch = first
     last_eval = None
 
-    reference = {}  # no-context and full-prompt NLLs of the eval set, computed once
-
     def run_eval(at_step: int) -> dict:
-        if trainable == "kvpacket":
-            result = kvpacket.evaluate(state.comb, backbone, eval_ex, cfg)
-        else:
-            result = evaluate(state, backbone, eval_ex, codec, cfg, loss_step,
-                              min(tc.teacher_max_tokens, tc.max_decoder_tokens), reference)
+        result = evaluate(state.comb, backbone, eval_ex, codec)
         shown = ", ".join(f"{k[len('eval_'):]} {'n/a' if v is None else f'{v:.4f}'}" for k, v in result.items()
                           if k != "eval_samples" and not k.startswith("eval_nll"))
         sample = f"; sample: {json.dumps(result['eval_samples'][:1])}" if result.get("eval_samples") else ""
@@ -533,12 +336,12 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
 
     def save(at_step: int, eval_loss=None):
         ckpt.save(manager, at_step, state.comb, state.opt_state, iterator.get_state(), cfg, eval_loss)
-        if trainable == "kvpacket":  # what the eval and serving load (`--kvpacket RUN_DIR`)
-            kvpacket.write_adapter(run_dir, jax.device_get(state.comb), at_step)
+        if objective.after_save is not None:  # e.g. the KV Packet adapter the eval and serving load
+            objective.after_save(run_dir, jax.device_get(state.comb), at_step)
 
     try:
         with metrics_path.open("a") as log:
-            if tc.eval_at_start and tc.eval_every > 0 and step == 0:  # the untrained baseline
+            if evaluate and tc.eval_at_start and tc.eval_every > 0 and step == 0:  # the untrained baseline
                 last_eval = run_eval(0)
                 log.write(json.dumps({"step": 0, **{k: v for k, v in last_eval.items() if k != "eval_samples"}}) + "\n")
             while step < tc.steps:
@@ -564,13 +367,13 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                 tokens = real_tokens(batch)
                 record = {"step": step, "loss": loss, "ce": float(metrics["ce"]), "kl": float(metrics["kl"]),
                           "hidden": float(metrics["hidden"]),
-                          **(gate_values(state.comb) if trainable == "comb" else {}),
+                          **(gate_values(state.comb) if objective.name == "comb" else {}),
                           "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
                           "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
                 if flops.get(shapes) and peak:
                     record["mfu"] = flops[shapes] / seconds / (peak * mesh.size)
                 eval_loss = None
-                if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
+                if evaluate and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
                     last_eval = run_eval(step)
                     eval_loss = last_eval["eval_loss"]
                     record.update({k: v for k, v in last_eval.items() if k != "eval_samples"})
@@ -611,8 +414,8 @@ def dry_run(cfg) -> dict:
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), comb, jax.eval_shape(optimizer.init, comb))
     backbone = abstract_params(layout["backbone"], jnp.dtype(cfg.compute_dtype))
     b, n = tc.batch_size, 1 + tc.num_distractors
-    lc = data_lib._bucket(tc.max_chunk_tokens, tc.chunk_buckets, "chunk")
-    td = data_lib._bucket(tc.max_decoder_tokens, tc.decoder_buckets, "decoder sequence")
+    lc = bucket_for(tc.max_chunk_tokens, tc.chunk_buckets, "chunk")
+    td = bucket_for(tc.max_decoder_tokens, tc.decoder_buckets, "decoder sequence")
     batch = {"chunk_tokens": np.zeros((b, n, lc), np.int32), "chunk_mask": np.zeros((b, n, lc), bool),
              "tokens": np.zeros((b, td), np.int32), "targets": np.zeros((b, td), np.int32),
              "loss_mask": np.zeros((b, td), np.float32)}

@@ -11,8 +11,8 @@
   get a clean gradient ("attend where the next token is") instead of noise through a random or zero o_proj.
   q_proj / k_proj are small random; the attention gates open at `init_attn_gate` (0.5 when left at 0).
 - "grow" [beyond the release]: a deeper Comb from a trained one-block Comb (`init_checkpoint`: a run dir, or
-  `shipped:smollm2_pointer` for that config's shipped weights), starting from what it already reads: the last cross block (before the last decoder layer) and
-  its k/v projections are the trained block's; encoder block 0 is the trained encoder block, the new encoder blocks
+  `shipped:smollm2_pointer` for that config's shipped weights), starting from what it already reads: the last
+  cross block (before the last decoder layer) and its k/v projections are the trained block's; encoder block 0 is the trained encoder block, the new encoder blocks
   are decoder layers with their output projections (attention o_proj, MLP down) zero, so every encoder block
   passes the trained block's output through unchanged at step 0; the new cross blocks below are `pointer` blocks
   with their attention gates at tanh `init_attn_gate` (0.1 when left at 0): near the trained model, with a gradient.
@@ -29,11 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comb_jax.model.layout import init_params, model_layout
-
-
-def random_comb(cfg, key) -> dict:
-    return init_params(model_layout(cfg.model)["comb"], key, jnp.dtype(cfg.param_dtype))
+from comb_jax.weights.resolve import random_comb
+from comb_jax.weights.run_dir import restore_comb_params
+from comb_jax.weights.shipped import load_shipped
 
 
 def warm_comb(cfg, backbone, key) -> dict:
@@ -107,23 +105,15 @@ def init_comb(cfg, backbone, key) -> dict:
             raise ValueError("init=grow needs train.init_checkpoint: a one-block Comb (a run dir or shipped)")
         one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_cross_layers=1))
         if tc.init_checkpoint.split(":")[0] == "shipped":  # "shipped" (this config's) or "shipped:NAME"
-            from comb_jax.shipped import load_shipped
-
             name = tc.init_checkpoint.partition(":")[2] or cfg.name
             one_block = load_shipped(dataclasses.replace(one, name=name))
         else:
-            from comb_jax.training.checkpoint import restore_comb_params
-
             one_block = restore_comb_params(tc.init_checkpoint, one, prefer="latest")
         return grow_comb(cfg, backbone, one_block, key)
     if tc.init_checkpoint.split(":")[0] == "shipped":  # the weights this config (or NAME) ships
-        from comb_jax.shipped import load_shipped
-
         name = tc.init_checkpoint.partition(":")[2] or cfg.name
         comb = jax.tree.map(jnp.asarray, load_shipped(dataclasses.replace(cfg, name=name)))
     elif tc.init_checkpoint:
-        from comb_jax.training.checkpoint import restore_comb_params
-
         comb = jax.tree.map(jnp.asarray, restore_comb_params(tc.init_checkpoint, cfg, prefer="latest"))
     elif tc.init == "random":
         comb = random_comb(cfg, key)

@@ -11,9 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from comb_jax.model.weights import embedded_gguf_path
-
-CACHE_DIR = Path(os.environ.get("COMB_JAX_CACHE", Path.home() / ".cache" / "comb_jax"))
+from comb_jax.paths import CACHE_DIR, embedded_gguf_path
 
 
 def _file_key(path: str) -> str:

