@@ -12,9 +12,10 @@
   q_proj / k_proj are small random; the attention gates open at `init_attn_gate` (0.5 when left at 0).
 - "grow" [beyond the release]: a deeper Comb from a trained one-block Comb (`init_checkpoint`: a run dir, or
   `shipped:smollm2_pointer` for that config's shipped weights), starting from what it already reads: the last
-  cross block (before the last decoder layer) and its k/v projections are the trained block's; encoder block 0 is the trained encoder block, the new encoder blocks
-  are decoder layers with their output projections (attention o_proj, MLP down) zero, so every encoder block
-  passes the trained block's output through unchanged at step 0; the new cross blocks below are `pointer` blocks
+  cross block (before the last decoder layer) and its k/v projections are the trained block's; encoder block 0
+  is the trained encoder block, the new encoder blocks are decoder layers with their output projections
+  (attention o_proj, MLP down) zero, so every encoder block passes the trained block's output through unchanged
+  at step 0; the new cross blocks below are `pointer` blocks
   with their attention gates at tanh `init_attn_gate` (0.1 when left at 0): near the trained model, with a gradient.
 - `train.init_checkpoint`: start from a checkpoint's comb params instead (e.g. after a `objective=kv` stage).
 - `train.init_attn_gate` > 0: attention gates open; `train.zero_cross_out`: cross o_proj zero (`open_attention_gates`).
