@@ -30,9 +30,10 @@ from tqdm import tqdm
 from comb_jax.cli import Parser, UsageError, one_line, run
 from comb_jax.config import load_config
 from comb_jax.model.tokenizer import chat_prompt_ids, text_ids
+from comb_jax.serving import batch_io
 from comb_jax.serving.engine import Engine, Request, Result, compile_count
 from comb_jax.serving.pool import RequestError
-from comb_jax.serving.protocol import json_kind
+from comb_jax.serving.protocol import invalid_text, json_kind
 from comb_jax.training.checkpoint import load_model
 from comb_jax.training.data import make_codec
 
@@ -115,10 +116,10 @@ def _float_field(obj, name, default, lo, hi, lo_open=False):
     return float(v)
 
 
-def request_id(obj, line_no: int):
-    """The id as given (a string or a finite number), or `line-N` when there is none."""
+def request_id(obj, line_no: int, auto_id: str | None = None):
+    """The id as given (a string or a finite number), or `auto_id` (default `line-N`) when there is none."""
     if "id" not in obj:
-        return f"line-{line_no}"
+        return auto_id or f"line-{line_no}"
     rid = obj["id"]
     if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)) or (
             isinstance(rid, float) and math.isfinite(rid)):
@@ -170,14 +171,18 @@ def prompt_ids(codec, question, messages, inline_chunks: list[str] | None) -> li
     return chat_prompt_ids(codec.tok, messages=messages)
 
 
-def parse_request(obj, line_no: int, codec, mode: str, max_new_tokens: int = 1 << 30) -> Request:
+def parse_request(obj, line_no: int, codec, mode: str, max_new_tokens: int = 1 << 30,
+                  auto_id: str | None = None) -> Request:
     """A decoded JSON request -> engine Request (id: the id as a string). Raises RequestError naming the field."""
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, got {json_kind(obj)}")
     unknown = sorted(set(obj) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(f"unknown fields {', '.join(map(repr, unknown))}; valid: {', '.join(REQUEST_FIELDS)}")
-    rid = str(request_id(obj, line_no))
+    bad_text = invalid_text(obj)
+    if bad_text is not None:  # before tokenizing, so the error names this field, not the prompt
+        raise RequestError(f"'{bad_text[0]}' is not valid UTF-8 text: {bad_text[1]}")
+    rid = str(request_id(obj, line_no, auto_id))
     chunks = obj.get("chunks", [])
     if not isinstance(chunks, list):
         raise RequestError(f"'chunks' must be a list of strings, got {json_kind(chunks)}")
@@ -237,22 +242,30 @@ def decode_line(raw) -> object:
         raise RequestError(f"invalid JSON: {one_line(str(e), 200)}") from None
 
 
+def _decode_or_error(raw):
+    try:
+        return decode_line(raw)
+    except Exception as e:  # kept as the line's value: read_requests reports it
+        return e
+
+
 def read_requests(lines, codec, mode: str, max_new_tokens: int = 1 << 30) -> list[Line]:
     """Every non-blank line (bytes or str) -> a Line: a parsed Request, or that line's error. Never raises for
     bad input: each problem names its field and the line's number, and the other lines are unaffected."""
+    decoded = [(n, _decode_or_error(raw)) for n, raw in enumerate(lines, 1) if raw.strip()]
+    auto_ids = batch_io.AutoIds(obj["id"] for _, obj in decoded if isinstance(obj, dict) and "id" in obj)
     out, seen = [], set()
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        rid = f"line-{n}"
+    for n, obj in decoded:
+        rid = auto_ids(n)
         try:
-            obj = decode_line(raw)
+            if isinstance(obj, Exception):
+                raise obj
             if isinstance(obj, dict):
                 try:
-                    rid = request_id(obj, n)
+                    rid = request_id(obj, n, rid)
                 except RequestError:
                     pass
-            req = parse_request(obj, n, codec, mode, max_new_tokens)
+            req = parse_request(obj, n, codec, mode, max_new_tokens, auto_id=rid)
             if req.id in seen:
                 raise RequestError(f"duplicate request id {rid!r}")
         except RequestError as e:
@@ -277,11 +290,7 @@ class ResultWriter:
             raise UsageError(f"--output {self.path} is a directory")
         if not self.path.parent.is_dir():
             raise UsageError(f"--output {self.path}: directory {self.path.parent} does not exist")
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        try:
-            self.file = open(self.tmp, "w")
-        except OSError as e:
-            raise UsageError(f"--output {self.path} cannot be written: {e.strerror or e}") from None
+        self.tmp, self.file = batch_io.open_locked_partial(self.path)  # locked: one run per output at a time
         self.rows, self.next, self.written = {}, 0, 0
 
     def put(self, index: int, row: dict):
@@ -293,8 +302,8 @@ class ResultWriter:
         self.file.flush()
 
     def commit(self):
+        os.replace(self.tmp, self.path)  # still under the lock: no other run can take the partial file between
         self.file.close()
-        os.replace(self.tmp, self.path)
 
     def abort(self) -> str:
         """Close, keeping what was written (or removing an empty file); says where the results are."""
@@ -307,10 +316,7 @@ class ResultWriter:
 
 def read_input(path) -> list[bytes]:
     """The input file's lines as bytes (each is decoded on its own, so one bad byte costs only its line)."""
-    try:
-        return Path(path).read_bytes().split(b"\n")
-    except OSError as e:
-        raise UsageError(f"--input {path} cannot be read: {e.strerror or e}") from None
+    return batch_io.read_input_lines(path)
 
 
 def result_row(line: Line, result: Result | None, codec) -> dict:
@@ -392,6 +398,7 @@ def main(argv=None) -> int:
         return run_server(cfg, args.checkpoint, mode=args.mode, host=args.host, port=args.port,
                           store_dir=args.store_dir or str(DEFAULT_STORE_DIR), host_cache_mb=args.host_cache_mb,
                           when_full=args.when_full, full_wait_s=args.full_wait_s)
+    batch_io.check_output_is_not_input(args.input, args.output)
     lines = read_input(args.input) if args.input else [json.dumps(r) for r in demo_requests()]
     writer = ResultWriter(args.output)  # before the model loads: an unwritable output fails in a second
     try:

@@ -89,6 +89,37 @@ def json_kind(v) -> str:
     return "null"
 
 
+def invalid_text(value, where: str = "") -> tuple[str, str] | None:
+    """(field path, why) of the first string, key or value, in a decoded JSON value that is not Unicode text
+    UTF-8 can carry: JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer or encoder accepts."""
+    todo = [(where, value)]
+    while todo:  # iterative: nesting depth costs no recursion
+        path, v = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    return path, f"a lone surrogate U+{ord(v[e.start]):04X} at character {e.start}"
+        elif isinstance(v, dict):
+            for key, item in reversed(v.items()):
+                inner = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and invalid_text(key) is not None:
+                    return (path or "the request"), f"a key with {invalid_text(key)[1]}"
+                todo.append((inner, item))
+        elif isinstance(v, list):
+            todo.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(v))))
+    return None
+
+
+def check_text(body, where: str = ""):
+    """400 naming the first field whose text is not valid UTF-8 (before anything stores or echoes it)."""
+    found = invalid_text(body, where)
+    if found is not None:
+        path, why = found
+        raise bad(path, f"'{path}' is not valid UTF-8 text: {why}", code="invalid_text")
+
+
 def _number(body, name, default, lo, hi, lo_open=False) -> float:
     v = body.get(name)
     if v is None:
@@ -114,6 +145,7 @@ def _integer(body, name, default, lo, hi) -> int:
 def _check_fields(body, allowed: set[str]):
     if not isinstance(body, dict):
         raise bad(None, f"the request body must be a JSON object, got {json_kind(body)}")
+    check_text(body)
     for name in sorted(set(body) - allowed):
         raise bad(name, f"unrecognized request argument supplied: {name}", code="unknown_parameter")
 
