@@ -226,7 +226,14 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
                 raise APIError(400, f"'documents[{i}]' has {length} tokens; a document may have at most "
                                     f"{engine.serve.max_chunk_tokens}", param=f"documents[{i}]",
                                code="document_too_long")
-        data = await asyncio.wrap_future(scheduler.call(scheduler.encode_documents, docs, pin, ttl_s))
+        data, durable = await asyncio.wrap_future(scheduler.call(scheduler.encode_documents_durably, docs, pin,
+                                                                 ttl_s))
+        try:  # acknowledged means durable: answer only once every entry is on disk (when there is a store dir)
+            for write in durable:
+                await asyncio.wrap_future(write)
+        except Exception as e:
+            raise APIError(503, f"the documents were encoded but could not be written to the store: {e}",
+                           param="documents", code="store_write_failed") from None
         return {"object": "list", "data": data}
 
     @app.get("/v1/documents")

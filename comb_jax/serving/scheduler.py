@@ -194,6 +194,12 @@ class Scheduler:
 
     def encode_documents(self, docs: list[Document], pin: bool, ttl_s: float | None) -> list[dict]:
         """Scheduler thread: make sure each document has a PICache (encoding misses), pin it if asked."""
+        return self.encode_documents_durably(docs, pin, ttl_s)[0]
+
+    def encode_documents_durably(self, docs: list[Document], pin: bool,
+                                 ttl_s: float | None) -> tuple[list[dict], list[Future]]:
+        """`encode_documents`, plus one future per document that completes when its entry is on disk (at once
+        without a store directory): acknowledge the documents only once these are done."""
         held = []
         try:
             for d in docs:
@@ -216,9 +222,19 @@ class Scheduler:
                 until = now + ttl_s if ttl_s else math.inf
                 rec.pinned_until = until if rec.pinned_until is None else max(until, rec.pinned_until)
             out.append(self._describe(doc_id, rec, found_in=tier or "encoded"))
+        durable = [self._durable(entry) for entry, _ in held]
         self._release([e for e, _ in held])
         self._count_lookups([t for _, t in held])
-        return out
+        return out, durable
+
+    def _durable(self, entry: Entry) -> Future:
+        """The entry's disk write (pending or done); one that never happened or failed is written again now."""
+        if self.store is None:
+            fut: Future = Future()
+            fut.set_result(None)
+            return fut
+        fut = self.store.durable(entry.ids)
+        return fut if fut is not None else self.store.persist(entry.ids, read_entry(self.pool, entry))
 
     def _describe(self, doc_id: str, rec: DocumentRecord, **extra) -> dict:
         tokens = len(self.entry_ids(rec.ids))
