@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from comb_jax.model.tokenizer import chat_prompt_ids
+from comb_jax.serving.names import is_content_id
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
@@ -229,6 +230,9 @@ def parse_documents(value, ctx: ParseContext, param: str = "documents") -> list[
             raise bad(where, f"'{where}' must be a string or an {{id, text}} object, got {json_kind(d)}")
         if not isinstance(text, str) or not text:
             raise bad(where, f"'{where}' must have non-empty text")
+        if name is not None and is_content_id(name):  # names and content ids live apart (see names.py)
+            raise bad(f"{where}.id", f"'{where}.id' {name!r} has the form of a content id (doc- and 32 hex digits), "
+                                     "which a name may not have: choose another name, or send the text alone")
         out.append(Document(ctx.codec.encode(text), text, name))
     return out
 

@@ -28,6 +28,7 @@ import numpy as np
 from comb_jax.model.decode import prefill
 from comb_jax.serving.engine import Engine, Request, prefill_with_pages
 from comb_jax.serving.metrics import TIERS, ServerMetrics
+from comb_jax.serving.names import DocumentIndex, is_content_id
 from comb_jax.serving.pool import Entry, PoolFullError, RequestError, bucket_for, write_chunks
 from comb_jax.serving.protocol import APIError, Document, Generation
 from comb_jax.serving.slots import decode_step, init_slots, insert
@@ -116,13 +117,16 @@ class Scheduler:
         self.fingerprint = store.fingerprint if store else store_fingerprint(self.pool.fingerprint,
                                                                               pool_layout(self.pool))
         self.documents: dict[str, DocumentRecord] = {}
-        self.names: dict[str, str] = {}
+        self.names: dict[str, str] = {}  # name -> document id (a cache of the index, for lookups from any thread)
         self.bytes_per_token = sum(a.shape[0] * math.prod(a.shape[3:]) * a.dtype.itemsize
                                    for a in pool_arrays(self.pool).values())
+        disk = store.disk if store is not None else None
+        self.index = DocumentIndex(disk.dir / "index.sqlite" if disk is not None else None)
         if store is not None:
             self.pool.on_evict = lambda entry: store.spill(entry.ids, read_entry(self.pool, entry))
             for key, ids in store.disk_entries():  # documents a previous process encoded
                 self._register(Document(self._document_ids(ids)), key)
+        self._load_index()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -139,6 +143,7 @@ class Scheduler:
             self.thread.join()
         if self.store is not None:
             self.store.close()
+        self.index.close()
 
     def submit(self, job: Job):
         with self.cond:
@@ -176,14 +181,55 @@ class Scheduler:
         if doc.text is not None and rec.text is None:
             rec.text = doc.text
         if doc.name:
-            rec.names.add(doc.name)
-            self.names[doc.name] = doc_id
+            self._name(doc.name, doc_id)
         return doc_id
+
+    def _name(self, name: str, doc_id: str) -> str | None:
+        """Give `name` to `doc_id` (in the index first: durable before it is used); returns the document that
+        had the name before, if another."""
+        old = self.names.get(name)
+        if old != doc_id:
+            self.index.set_name(name, doc_id)
+            if old in self.documents:
+                self.documents[old].names.discard(name)
+            self.names[name] = doc_id
+        self.documents[doc_id].names.add(name)
+        return old if old != doc_id else None
+
+    def _load_index(self):
+        """Names and pins of an earlier process (pins reach the pool after warm-up: `_restore_pins`)."""
+        for name, doc_id in self.index.names().items():
+            self.names[name] = doc_id
+            if doc_id in self.documents:
+                self.documents[doc_id].names.add(name)
+        for doc_id, until in self.index.pins().items():
+            if doc_id in self.documents:
+                self.documents[doc_id].pinned_until = until
+
+    def _restore_pins(self):
+        """Scheduler thread, after warm-up: bring pinned documents into the pool and pin them there."""
+        for doc_id, rec in self.documents.items():
+            if rec.pinned_until is None:
+                continue
+            try:
+                entry, _tier = self._lookup(self.entry_ids(rec.ids))
+                if not entry.written:  # on no tier any more: nothing to pin
+                    self._release([entry])
+                    continue
+            except PoolFullError:
+                log.warning("PICache pool too small to restore every pin: %s stays on disk", doc_id)
+                continue
+            entry.pinned = True
+            self._release([entry])
+
+    def _document_id_of(self, name_or_id: str) -> str | None:
+        """Content ids and names never mix: a content-id-shaped key is looked up by content only."""
+        return name_or_id if is_content_id(name_or_id) else self.names.get(name_or_id)
 
     def find_document(self, name_or_id: str) -> Document | None:
         """A known document by its id or a name it was given (safe from any thread: dict reads)."""
-        rec = self.documents.get(self.names.get(name_or_id, name_or_id))
-        return None if rec is None else Document(list(rec.ids), rec.text, name_or_id)
+        rec = self.documents.get(self._document_id_of(name_or_id))
+        return None if rec is None else Document(list(rec.ids), rec.text, None)
 
     def _tier(self, doc_ids) -> str | None:
         ids = self.entry_ids(doc_ids)
@@ -215,13 +261,15 @@ class Scheduler:
         out = []
         now = time.time()
         for d, (entry, tier) in zip(docs, held):
-            doc_id = self._register(d)
+            doc_id = self._register(Document(d.ids, d.text))
+            replaced = self._name(d.name, doc_id) if d.name else None
             rec = self.documents[doc_id]
             if pin or ttl_s:
                 entry.pinned = True
                 until = now + ttl_s if ttl_s else math.inf
                 rec.pinned_until = until if rec.pinned_until is None else max(until, rec.pinned_until)
-            out.append(self._describe(doc_id, rec, found_in=tier or "encoded"))
+                self.index.set_pin(doc_id, rec.pinned_until)
+            out.append(self._describe(doc_id, rec, found_in=tier or "encoded", replaced=replaced))
         durable = [self._durable(entry) for entry, _ in held]
         self._release([e for e, _ in held])
         self._count_lookups([t for _, t in held])
@@ -247,14 +295,16 @@ class Scheduler:
         return [self._describe(doc_id, rec) for doc_id, rec in self.documents.items()]
 
     def unpin(self, name_or_id: str) -> dict | None:
-        doc_id = self.names.get(name_or_id, name_or_id)
+        doc_id = self._document_id_of(name_or_id)
         rec = self.documents.get(doc_id)
         if rec is None:
             return None
-        self._unpin(rec)
+        self._unpin(doc_id, rec)
         return self._describe(doc_id, rec)
 
-    def _unpin(self, rec: DocumentRecord):
+    def _unpin(self, doc_id: str, rec: DocumentRecord):
+        if rec.pinned_until is not None:
+            self.index.clear_pin(doc_id)
         rec.pinned_until = None
         entry = self.pool.find(self.entry_ids(rec.ids))
         if entry is not None:
@@ -262,9 +312,9 @@ class Scheduler:
 
     def _expire_pins(self):
         now = time.time()
-        for rec in self.documents.values():
+        for doc_id, rec in self.documents.items():
             if rec.pinned_until is not None and rec.pinned_until <= now:
-                self._unpin(rec)
+                self._unpin(doc_id, rec)
 
     # -- validation (any thread: reads configuration only) --------------------------------------------------
 
@@ -311,6 +361,10 @@ class Scheduler:
             self.failed = e
             log.exception("warm-up failed")
             return
+        try:
+            self._restore_pins()
+        except Exception:  # a pin that cannot come back costs its speed, not the server
+            log.exception("restoring pins failed")
         self.ready.set()
         while True:
             with self.cond:
