@@ -31,11 +31,13 @@ def main(argv=None) -> int:
 
     from comb_jax.serving.app import build_server
     from comb_jax.serving.corpus import encode_corpus, read_corpus
+    from comb_jax.serving.store import check_store_dir
     from comb_jax.training.checkpoint import load_model
     from comb_jax.training.data import make_codec
 
     cfg = load_config(args.config, args.overrides)
     documents = read_corpus(args.input)  # before the model loads: a bad file fails at once
+    check_store_dir(args.store_dir)
     cfg, params = load_model(cfg, args.checkpoint)
     _, scheduler = build_server(cfg, params, make_codec(cfg), store_dir=args.store_dir)
     try:

@@ -27,6 +27,7 @@ import numpy as np
 
 from comb_jax.model.decode import prefill
 from comb_jax.serving.engine import Engine, Request, prefill_with_pages
+from comb_jax.serving.limits import DEFAULT_MAX_QUEUE, QueueFull
 from comb_jax.serving.metrics import TIERS, ServerMetrics
 from comb_jax.serving.names import DocumentIndex, is_content_id
 from comb_jax.serving.pool import Entry, PoolFullError, RequestError, bucket_for, write_chunks
@@ -89,12 +90,16 @@ class DocumentRecord:
 
 class Scheduler:
     """Continuous batching over `engine.serve.max_batch` slots. when_full: "reject" (429 when the pool is full of
-    pinned pages) or "wait" (queue up to `full_wait_s` for pins to expire or be deleted, then 429)."""
+    pinned pages) or "wait" (queue up to `full_wait_s` for pins to expire or be deleted, then 429). At most
+    `max_queue` requests wait for a slot; one more gets 429 with Retry-After."""
 
     def __init__(self, engine: Engine, codec, store: PICacheStore | None = None, *, when_full: str = "reject",
-                 full_wait_s: float = 30.0, metrics: ServerMetrics | None = None):
+                 full_wait_s: float = 30.0, metrics: ServerMetrics | None = None, max_queue: int = DEFAULT_MAX_QUEUE):
         if when_full not in ("reject", "wait"):
             raise ValueError(f"when_full must be 'reject' or 'wait', got {when_full!r}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.max_queue = max_queue
         self.engine, self.codec, self.store, self.pool = engine, codec, store, engine.pool
         self.when_full, self.full_wait_s = when_full, full_wait_s
         self.metrics = metrics or ServerMetrics()
@@ -146,7 +151,10 @@ class Scheduler:
         self.index.close()
 
     def submit(self, job: Job):
+        """Queue a job; QueueFull (429) when `max_queue` jobs are waiting already."""
         with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(len(self.waiting))
             self.waiting.append(job)
             self.metrics.queue_depth.set(len(self.waiting))
             self.metrics.in_flight.inc()
@@ -317,6 +325,14 @@ class Scheduler:
                 self._unpin(doc_id, rec)
 
     # -- validation (any thread: reads configuration only) --------------------------------------------------
+
+    def check_upload(self, docs: list[Document]):
+        """413 when an upload's documents together need more pages than the whole pool (429 is for "not now")."""
+        pages = sum(self.pool.pages_for(len(ids)) for ids in {self.entry_ids(d.ids) for d in docs})
+        if pages > self.pool.num_pages:
+            raise APIError(413, f"'documents' need {pages} pool pages together but the whole PICache pool has "
+                                f"{self.pool.num_pages}: this upload can never fit; send fewer documents at once",
+                           param="documents", code="documents_too_large")
 
     def check(self, gen: Generation, prompt_field: str):
         """APIError (400 naming the field, or 413) when the request can never be served."""

@@ -93,6 +93,24 @@ def done_future(result=None) -> Future:
     return fut
 
 
+def check_store_dir(root) -> Path | None:
+    """The store directory, created if need be and checked writable (UsageError, one line, otherwise);
+    None for no store ('none' or empty)."""
+    from comb_jax.cli import UsageError
+
+    if root is None or str(root).strip().lower() in ("", "none"):
+        return None
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f"{TMP_PREFIX}{os.getpid()}-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--store-dir {root} cannot be used: {e.strerror or e}") from None
+    return root
+
+
 class StoreWriteError(OSError):
     """An entry could not be made durable (disk full, read-only, gone): the entry still serves from memory."""
 
