@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from comb_jax.serving import api_schema
 from comb_jax.serving.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, BodyLimit
 from comb_jax.serving.metrics import ServerMetrics
 from comb_jax.serving.protocol import (
@@ -212,15 +213,15 @@ def create_app(scheduler: Scheduler, model_name: str, max_body_bytes: int = DEFA
             if not done:  # the client went away mid-stream
                 job.cancel()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=api_schema.chat_body(engine.serve.max_new_tokens))
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=api_schema.completion_body(engine.serve.max_new_tokens))
     async def completions(request: Request):
         return await generate(request, chat=False)
 
-    @app.post("/v1/documents")
+    @app.post("/v1/documents", openapi_extra=api_schema.documents_body())
     async def add_documents(request: Request):
         ensure_ready()
         docs, pin, ttl_s = parse_document_upload(await read_json(request), parse_ctx)
