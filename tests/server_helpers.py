@@ -22,10 +22,10 @@ def server_config(extra=()):
 class RunningServer:
     """A started, warmed-up server; `.url`, `.client` (openai), `.scheduler`; `stop()` ends it."""
 
-    def __init__(self, params, store_dir=None, **kwargs):
+    def __init__(self, params, store_dir=None, overrides=(), **kwargs):
         import openai
 
-        self.cfg = server_config()
+        self.cfg = server_config(overrides)
         self.codec = make_codec(self.cfg)
         app, self.scheduler = build_server(self.cfg, params, self.codec, store_dir=store_dir, **kwargs)
         self.thread = ServerThread(app).start()

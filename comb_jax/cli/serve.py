@@ -24,6 +24,7 @@ from comb_jax.errors import Parser
 from comb_jax.eval.metrics import contains_answer
 from comb_jax.serving.app import DEFAULT_STORE_DIR, run_server
 from comb_jax.serving.batch import ResultWriter, read_input, serve_batch
+from comb_jax.serving.batch_io import check_output_is_not_input
 from comb_jax.serving.demo import demo_expected, demo_requests
 from comb_jax.serving.memory_plan import format_plan, memory_plan
 from comb_jax.weights.resolve import load_model
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     http.add_argument("--when-full", choices=("reject", "wait"), default="reject",
                       help="a request when the pool is full of pinned pages: 429 at once, or wait --full-wait-s")
     http.add_argument("--full-wait-s", type=float, default=30.0)
+    http.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (413 above)")
+    http.add_argument("--max-queue", type=int, default=256,
+                      help="requests waiting for a decode slot, at most (429 with Retry-After above)")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     return ap.parse_args(argv)
 
@@ -86,7 +90,9 @@ def main(argv=None) -> int:
     if args.http:
         return run_server(cfg, args.checkpoint, mode=args.mode, host=args.host, port=args.port,
                           store_dir=args.store_dir or str(DEFAULT_STORE_DIR), host_cache_mb=args.host_cache_mb,
-                          when_full=args.when_full, full_wait_s=args.full_wait_s)
+                          when_full=args.when_full, full_wait_s=args.full_wait_s, max_body_mb=args.max_body_mb,
+                          max_queue=args.max_queue)
+    check_output_is_not_input(args.input, args.output)
     lines = read_input(args.input) if args.input else [json.dumps(r) for r in demo_requests()]
     writer = ResultWriter(args.output)  # before the model loads: an unwritable output fails in a second
     with writer.finishing("serve.py"):

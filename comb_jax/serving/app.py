@@ -5,7 +5,9 @@
 Endpoints: POST /v1/chat/completions and /v1/completions (OpenAI shapes, plus `documents`; `stream: true` sends
 server-sent events), POST/GET /v1/documents and DELETE /v1/documents/{id}, GET /v1/models, /health, /metrics.
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 names the bad field, 404 an unknown
-model or document, 413 a context the pool can never hold, 429 a pool full of pinned pages, 503 while warming up.
+model or document, 413 a body over --max-body-mb or documents the pool can never hold, 429 a pool full of pinned
+pages or a full queue (--max-queue; with Retry-After), 503 while warming up or when a store write fails.
+A 200 from POST /v1/documents means every entry is on disk (written, fsynced, renamed) when a store dir is set.
 A client that disconnects has its request cancelled: its slot and pages are freed at the next decode step.
 """
 
@@ -27,7 +29,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from comb_jax.paths import CACHE_DIR
+from comb_jax.serving import api_schema
 from comb_jax.serving.engine import Engine
+from comb_jax.serving.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, BodyLimit
 from comb_jax.serving.metrics import ServerMetrics
 from comb_jax.serving.protocol import (
     APIError,
@@ -37,7 +41,7 @@ from comb_jax.serving.protocol import (
     parse_document_upload,
 )
 from comb_jax.serving.scheduler import Job, Scheduler
-from comb_jax.serving.store import PICacheStore, pool_layout, store_fingerprint
+from comb_jax.serving.store import PICacheStore, check_store_dir, pool_layout, store_fingerprint
 from comb_jax.text.codec import make_codec
 from comb_jax.weights.resolve import load_model
 
@@ -46,7 +50,7 @@ DISCONNECT_POLL_S = 0.25
 DEFAULT_STORE_DIR = CACHE_DIR / "picache"
 
 
-def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
+def create_app(scheduler: Scheduler, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The app; its lifespan starts the scheduler thread (warm-up runs there: 503 until it is done) and stops it."""
     metrics: ServerMetrics = scheduler.metrics
     engine = scheduler.engine
@@ -61,10 +65,11 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="comb-jax", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=getattr(e, "headers", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, e: StarletteHTTPException):
@@ -212,15 +217,15 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
             if not done:  # the client went away mid-stream
                 job.cancel()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=api_schema.chat_body(engine.serve.max_new_tokens))
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=api_schema.completion_body(engine.serve.max_new_tokens))
     async def completions(request: Request):
         return await generate(request, chat=False)
 
-    @app.post("/v1/documents")
+    @app.post("/v1/documents", openapi_extra=api_schema.documents_body())
     async def add_documents(request: Request):
         ensure_ready()
         docs, pin, ttl_s = parse_document_upload(await read_json(request), parse_ctx)
@@ -230,7 +235,15 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
                 raise APIError(400, f"'documents[{i}]' has {length} tokens; a document may have at most "
                                     f"{engine.serve.max_chunk_tokens}", param=f"documents[{i}]",
                                code="document_too_long")
-        data = await asyncio.wrap_future(scheduler.call(scheduler.encode_documents, docs, pin, ttl_s))
+        scheduler.check_upload(docs)
+        data, durable = await asyncio.wrap_future(scheduler.call(scheduler.encode_documents_durably, docs, pin,
+                                                                 ttl_s))
+        try:  # acknowledged means durable: answer only once every entry is on disk (when there is a store dir)
+            for write in durable:
+                await asyncio.wrap_future(write)
+        except Exception as e:
+            raise APIError(503, f"the documents were encoded but could not be written to the store: {e}",
+                           param="documents", code="store_write_failed") from None
         return {"object": "list", "data": data}
 
     @app.get("/v1/documents")
@@ -254,7 +267,8 @@ def create_app(scheduler: Scheduler, model_name: str) -> FastAPI:
 
 
 def build_server(cfg, params, codec, *, mode: str = "comb", store_dir: str | Path | None = None,
-                 host_cache_bytes: int = 1 << 30, when_full: str = "reject", full_wait_s: float = 30.0):
+                 host_cache_bytes: int = 1 << 30, when_full: str = "reject", full_wait_s: float = 30.0,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_queue: int = DEFAULT_MAX_QUEUE):
     """(app, scheduler) for a model. store_dir None: host-memory tier only (nothing outlives the process)."""
     engine = Engine.for_codec(cfg, params, codec, mode)
     store = None
@@ -263,8 +277,8 @@ def build_server(cfg, params, codec, *, mode: str = "comb", store_dir: str | Pat
     if mode == "comb":
         fp = store_fingerprint(engine.pool.fingerprint, pool_layout(engine.pool))
         store = PICacheStore(fp, store_dir, host_cache_bytes)
-    scheduler = Scheduler(engine, codec, store, when_full=when_full, full_wait_s=full_wait_s)
-    return create_app(scheduler, cfg.name), scheduler
+    scheduler = Scheduler(engine, codec, store, when_full=when_full, full_wait_s=full_wait_s, max_queue=max_queue)
+    return create_app(scheduler, cfg.name, max_body_bytes), scheduler
 
 
 class ServerThread:
@@ -316,15 +330,17 @@ def wait_ready(url: str, timeout_s: float = 600.0):
 
 def run_server(cfg, checkpoint: str | None, *, mode: str = "comb", host: str = "127.0.0.1", port: int = 8000,
                store_dir: str | None = None, host_cache_mb: float = 1024, when_full: str = "reject",
-               full_wait_s: float = 30.0) -> int:
+               full_wait_s: float = 30.0, max_body_mb: float = DEFAULT_MAX_BODY_BYTES / (1 << 20),
+               max_queue: int = DEFAULT_MAX_QUEUE) -> int:
     """`serve.py --http`: load the model, build the server, serve until interrupted."""
     import uvicorn  # the server's own dependency: not needed to build the app in tests
 
+    check_store_dir(store_dir)  # before the model loads: a bad directory fails in a second, in one line
     cfg, params = load_model(cfg, checkpoint)
     codec = make_codec(cfg)
     app, _ = build_server(cfg, params, codec, mode=mode, store_dir=store_dir,
                           host_cache_bytes=int(host_cache_mb * (1 << 20)), when_full=when_full,
-                          full_wait_s=full_wait_s)
+                          full_wait_s=full_wait_s, max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue)
     log.warning("serving %s (%s) on http://%s:%d (warming up: /health says when ready)", cfg.name, mode, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

@@ -24,9 +24,19 @@ from tqdm import tqdm
 
 from comb_jax.errors import UsageError, one_line
 from comb_jax.model.compiles import compile_count
+from comb_jax.serving import batch_io
 from comb_jax.serving.engine import Engine, Request, Result
 from comb_jax.serving.pool import RequestError
-from comb_jax.serving.protocol import FieldError, check_turns, got, integer_field, json_kind, number_field, shown
+from comb_jax.serving.protocol import (
+    FieldError,
+    check_turns,
+    got,
+    integer_field,
+    invalid_text,
+    json_kind,
+    number_field,
+    shown,
+)
 from comb_jax.text.codec import make_codec
 from comb_jax.text.prompt import inline_context
 
@@ -35,10 +45,10 @@ ROLES = ("system", "user", "assistant")
 MAX_TEMPERATURE = 100.0
 
 
-def request_id(obj, line_no: int):
-    """The id as given (a string or a finite number), or `line-N` when there is none."""
+def request_id(obj, line_no: int, auto_id: str | None = None):
+    """The id as given (a string or a finite number), or `auto_id` (default `line-N`) when there is none."""
     if "id" not in obj:
-        return f"line-{line_no}"
+        return auto_id or f"line-{line_no}"
     rid = obj["id"]
     if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)) or (
             isinstance(rid, float) and math.isfinite(rid)):
@@ -70,14 +80,18 @@ def prompt_ids(codec, question, messages, inline_chunks: list[str] | None) -> li
     return codec.messages_ids(messages, inline_chunks)
 
 
-def parse_request(obj, line_no: int, codec, mode: str, max_new_tokens: int = 1 << 30) -> Request:
+def parse_request(obj, line_no: int, codec, mode: str, max_new_tokens: int = 1 << 30,
+                  auto_id: str | None = None) -> Request:
     """A decoded JSON request -> engine Request (id: the id as a string). Raises RequestError naming the field."""
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, got {json_kind(obj)}")
     unknown = sorted(set(obj) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(f"unknown fields {', '.join(map(repr, unknown))}; valid: {', '.join(REQUEST_FIELDS)}")
-    rid = str(request_id(obj, line_no))
+    bad_text = invalid_text(obj)
+    if bad_text is not None:  # before tokenizing, so the error names this field, not the prompt
+        raise RequestError(f"'{bad_text[0]}' is not valid UTF-8 text: {bad_text[1]}")
+    rid = str(request_id(obj, line_no, auto_id))
     chunks = obj.get("chunks", [])
     if not isinstance(chunks, list):
         raise RequestError(f"'chunks' must be a list of strings, got {json_kind(chunks)}")
@@ -138,22 +152,30 @@ def decode_line(raw) -> object:
         raise RequestError(f"invalid JSON: {one_line(str(e), 200)}") from None
 
 
+def _decode_or_error(raw):
+    try:
+        return decode_line(raw)
+    except Exception as e:  # kept as the line's value: read_requests reports it
+        return e
+
+
 def read_requests(lines, codec, mode: str, max_new_tokens: int = 1 << 30) -> list[Line]:
     """Every non-blank line (bytes or str) -> a Line: a parsed Request, or that line's error. Never raises for
     bad input: each problem names its field and the line's number, and the other lines are unaffected."""
+    decoded = [(n, _decode_or_error(raw)) for n, raw in enumerate(lines, 1) if raw.strip()]
+    auto_ids = batch_io.AutoIds(obj["id"] for _, obj in decoded if isinstance(obj, dict) and "id" in obj)
     out, seen = [], set()
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        rid = f"line-{n}"
+    for n, obj in decoded:
+        rid = auto_ids(n)
         try:
-            obj = decode_line(raw)
+            if isinstance(obj, Exception):
+                raise obj
             if isinstance(obj, dict):
                 try:
-                    rid = request_id(obj, n)
+                    rid = request_id(obj, n, rid)
                 except RequestError:
                     pass
-            req = parse_request(obj, n, codec, mode, max_new_tokens)
+            req = parse_request(obj, n, codec, mode, max_new_tokens, auto_id=rid)
             if req.id in seen:
                 raise RequestError(f"duplicate request id {rid!r}")
         except RequestError as e:
@@ -178,11 +200,7 @@ class ResultWriter:
             raise UsageError(f"--output {self.path} is a directory")
         if not self.path.parent.is_dir():
             raise UsageError(f"--output {self.path}: directory {self.path.parent} does not exist")
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        try:
-            self.file = open(self.tmp, "w")
-        except OSError as e:
-            raise UsageError(f"--output {self.path} cannot be written: {e.strerror or e}") from None
+        self.tmp, self.file = batch_io.open_locked_partial(self.path)  # locked: one run per output at a time
         self.rows, self.next, self.written = {}, 0, 0
 
     def put(self, index: int, row: dict):
@@ -194,8 +212,8 @@ class ResultWriter:
         self.file.flush()
 
     def commit(self):
+        os.replace(self.tmp, self.path)  # still under the lock: no other run can take the partial file between
         self.file.close()
-        os.replace(self.tmp, self.path)
 
     @contextmanager
     def finishing(self, prog: str):
@@ -218,10 +236,7 @@ class ResultWriter:
 
 def read_input(path) -> list[bytes]:
     """The input file's lines as bytes (each is decoded on its own, so one bad byte costs only its line)."""
-    try:
-        return Path(path).read_bytes().split(b"\n")
-    except OSError as e:
-        raise UsageError(f"--input {path} cannot be read: {e.strerror or e}") from None
+    return batch_io.read_input_lines(path)
 
 
 def result_row(line: Line, result: Result | None, codec) -> dict:

@@ -2,18 +2,23 @@
 
 Input: JSONL, one document per line, either a JSON string or {"id": name, "text": ...}. Each document is encoded
 once (documents already in the store are skipped) by the same code the server runs (`Scheduler.encode_documents`),
-so a server started later with the same model, tokenizer and store directory serves them from disk.
+so a server started later with the same model, tokenizer and store directory serves them from disk. The progress
+bar counts documents whose entry is durable on disk, and the run returns only when all are.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
+from concurrent.futures import wait
 from pathlib import Path
 
 from tqdm import tqdm
 
 from comb_jax.serving.protocol import Document
+
+MAX_UNWRITTEN = 256  # encoded documents waiting for their disk write, at most
 
 
 class CorpusError(ValueError):
@@ -65,13 +70,31 @@ def encode_corpus(scheduler, documents: list[tuple[str | None, str]], batch: int
             raise CorpusError(f"document {i} ({name or 'unnamed'}) has {len(doc.ids)} tokens; at most {limit} "
                               "(serve.max_chunk_tokens)")
         docs.append(doc)
-    ids, encoded = [], 0
-    with tqdm(total=len(docs), desc="encode corpus", unit="doc", file=sys.stderr, disable=not progress) as bar:
+    ids, encoded, writes = [], 0, []
+    with tqdm(total=len(docs), desc="encode corpus (on disk)", unit="doc", file=sys.stderr,
+              disable=not progress) as bar:
+        count_durable = _durable_counter(bar)
         for start in range(0, len(docs), batch):
-            for row in scheduler.encode_documents(docs[start:start + batch], pin=False, ttl_s=None):
+            rows, durable = scheduler.encode_documents_durably(docs[start:start + batch], pin=False, ttl_s=None)
+            for row, write in zip(rows, durable):
                 ids.append(row["id"])
                 encoded += row["found_in"] == "encoded"
-            bar.update(min(batch, len(docs) - start))
-    if scheduler.store is not None:
-        scheduler.store.flush()
+                write.add_done_callback(count_durable)
+            writes += durable
+            wait(writes[:-MAX_UNWRITTEN])  # encoding outruns disk writes: bound what waits in memory
+        wait(writes)  # the bar reaches the total only when every entry is on disk
+    failed = [w.exception() for w in writes if w.exception() is not None]
+    if failed:
+        raise CorpusError(f"{len(failed)} of {len(docs)} documents could not be written to the store: {failed[0]}")
     return {"documents": len(docs), "encoded": encoded, "found": len(docs) - encoded, "ids": ids}
+
+
+def _durable_counter(bar):
+    """A done-callback (run on the store's writer thread) that advances the bar by one durable document."""
+    lock = threading.Lock()
+
+    def count(write):
+        if write.exception() is None:
+            with lock:
+                bar.update(1)
+    return count

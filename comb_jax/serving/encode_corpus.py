@@ -18,6 +18,7 @@ from comb_jax.config import load_config
 from comb_jax.errors import Parser, run
 from comb_jax.serving.app import DEFAULT_STORE_DIR, build_server
 from comb_jax.serving.corpus import encode_corpus, read_corpus
+from comb_jax.serving.store import check_store_dir
 from comb_jax.text.codec import make_codec
 from comb_jax.weights.resolve import load_model
 
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     documents = read_corpus(args.input)  # before the model loads: a bad file fails at once
+    check_store_dir(args.store_dir)
     cfg, params = load_model(cfg, args.checkpoint)
     _, scheduler = build_server(cfg, params, make_codec(cfg), store_dir=args.store_dir)
     try:

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from comb_jax.serving.names import is_content_id
 from comb_jax.serving.pool import RequestError
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
@@ -158,6 +159,37 @@ def _http(check, *args):
         raise bad(e.param, str(e)) from None
 
 
+def invalid_text(value, where: str = "") -> tuple[str, str] | None:
+    """(field path, why) of the first string, key or value, in a decoded JSON value that is not Unicode text
+    UTF-8 can carry: JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer or encoder accepts."""
+    todo = [(where, value)]
+    while todo:  # iterative: nesting depth costs no recursion
+        path, v = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    return path, f"a lone surrogate U+{ord(v[e.start]):04X} at character {e.start}"
+        elif isinstance(v, dict):
+            for key, item in reversed(v.items()):
+                inner = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and invalid_text(key) is not None:
+                    return (path or "the request"), f"a key with {invalid_text(key)[1]}"
+                todo.append((inner, item))
+        elif isinstance(v, list):
+            todo.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(v))))
+    return None
+
+
+def check_text(body, where: str = ""):
+    """400 naming the first field whose text is not valid UTF-8 (before anything stores or echoes it)."""
+    found = invalid_text(body, where)
+    if found is not None:
+        path, why = found
+        raise bad(path, f"'{path}' is not valid UTF-8 text: {why}", code="invalid_text")
+
+
 def _number(body, name, default, lo, hi, lo_open=False) -> float:
     v = body.get(name)
     return default if v is None else _http(number_field, name, v, lo, hi, lo_open)
@@ -171,6 +203,7 @@ def _integer(body, name, default, lo, hi) -> int:
 def _check_fields(body, allowed: set[str]):
     if not isinstance(body, dict):
         raise bad(None, f"the request body must be a JSON object, got {json_kind(body)}")
+    check_text(body)
     for name in sorted(set(body) - allowed):
         raise bad(name, f"unrecognized request argument supplied: {name}", code="unknown_parameter")
 
@@ -254,6 +287,9 @@ def parse_documents(value, ctx: ParseContext, param: str = "documents") -> list[
             raise bad(where, f"'{where}' must be a string or an {{id, text}} object, got {json_kind(d)}")
         if not isinstance(text, str) or not text:
             raise bad(where, f"'{where}' must have non-empty text")
+        if name is not None and is_content_id(name):  # names and content ids live apart (see names.py)
+            raise bad(f"{where}.id", f"'{where}.id' {name!r} has the form of a content id (doc- and 32 hex digits), "
+                                     "which a name may not have: choose another name, or send the text alone")
         out.append(Document(ctx.codec.encode(text), text, name))
     return out
 

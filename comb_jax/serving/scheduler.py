@@ -28,7 +28,9 @@ import numpy as np
 from comb_jax.model.buckets import bucket_for
 from comb_jax.model.decode import prefill
 from comb_jax.serving.engine import Engine, Request, prefill_with_pages
+from comb_jax.serving.limits import DEFAULT_MAX_QUEUE, QueueFull
 from comb_jax.serving.metrics import TIERS, ServerMetrics
+from comb_jax.serving.names import DocumentIndex, is_content_id
 from comb_jax.serving.pool import Entry, PoolFullError, RequestError, write_chunks
 from comb_jax.serving.protocol import APIError, Document, Generation
 from comb_jax.serving.slots import decode_step, init_slots, insert
@@ -89,12 +91,16 @@ class DocumentRecord:
 
 class Scheduler:
     """Continuous batching over `engine.serve.max_batch` slots. when_full: "reject" (429 when the pool is full of
-    pinned pages) or "wait" (queue up to `full_wait_s` for pins to expire or be deleted, then 429)."""
+    pinned pages) or "wait" (queue up to `full_wait_s` for pins to expire or be deleted, then 429). At most
+    `max_queue` requests wait for a slot; one more gets 429 with Retry-After."""
 
     def __init__(self, engine: Engine, codec, store: PICacheStore | None = None, *, when_full: str = "reject",
-                 full_wait_s: float = 30.0, metrics: ServerMetrics | None = None):
+                 full_wait_s: float = 30.0, metrics: ServerMetrics | None = None, max_queue: int = DEFAULT_MAX_QUEUE):
         if when_full not in ("reject", "wait"):
             raise ValueError(f"when_full must be 'reject' or 'wait', got {when_full!r}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.max_queue = max_queue
         self.engine, self.codec, self.store, self.pool = engine, codec, store, engine.pool
         self.when_full, self.full_wait_s = when_full, full_wait_s
         self.metrics = metrics or ServerMetrics()
@@ -117,13 +123,16 @@ class Scheduler:
         self.fingerprint = store.fingerprint if store else store_fingerprint(self.pool.fingerprint,
                                                                               pool_layout(self.pool))
         self.documents: dict[str, DocumentRecord] = {}
-        self.names: dict[str, str] = {}
+        self.names: dict[str, str] = {}  # name -> document id (a cache of the index, for lookups from any thread)
         self.bytes_per_token = sum(a.shape[0] * math.prod(a.shape[3:]) * a.dtype.itemsize
                                    for a in pool_arrays(self.pool).values())
+        disk = store.disk if store is not None else None
+        self.index = DocumentIndex(disk.dir / "index.sqlite" if disk is not None else None)
         if store is not None:
             self.pool.on_evict = lambda entry: store.spill(entry.ids, read_entry(self.pool, entry))
             for key, ids in store.disk_entries():  # documents a previous process encoded
                 self._register(Document(self._document_ids(ids)), key)
+        self._load_index()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -140,9 +149,13 @@ class Scheduler:
             self.thread.join()
         if self.store is not None:
             self.store.close()
+        self.index.close()
 
     def submit(self, job: Job):
+        """Queue a job; QueueFull (429) when `max_queue` jobs are waiting already."""
         with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(len(self.waiting))
             self.waiting.append(job)
             self.metrics.queue_depth.set(len(self.waiting))
             self.metrics.in_flight.inc()
@@ -177,14 +190,55 @@ class Scheduler:
         if doc.text is not None and rec.text is None:
             rec.text = doc.text
         if doc.name:
-            rec.names.add(doc.name)
-            self.names[doc.name] = doc_id
+            self._name(doc.name, doc_id)
         return doc_id
+
+    def _name(self, name: str, doc_id: str) -> str | None:
+        """Give `name` to `doc_id` (in the index first: durable before it is used); returns the document that
+        had the name before, if another."""
+        old = self.names.get(name)
+        if old != doc_id:
+            self.index.set_name(name, doc_id)
+            if old in self.documents:
+                self.documents[old].names.discard(name)
+            self.names[name] = doc_id
+        self.documents[doc_id].names.add(name)
+        return old if old != doc_id else None
+
+    def _load_index(self):
+        """Names and pins of an earlier process (pins reach the pool after warm-up: `_restore_pins`)."""
+        for name, doc_id in self.index.names().items():
+            self.names[name] = doc_id
+            if doc_id in self.documents:
+                self.documents[doc_id].names.add(name)
+        for doc_id, until in self.index.pins().items():
+            if doc_id in self.documents:
+                self.documents[doc_id].pinned_until = until
+
+    def _restore_pins(self):
+        """Scheduler thread, after warm-up: bring pinned documents into the pool and pin them there."""
+        for doc_id, rec in self.documents.items():
+            if rec.pinned_until is None:
+                continue
+            try:
+                entry, _tier = self._lookup(self.entry_ids(rec.ids))
+                if not entry.written:  # on no tier any more: nothing to pin
+                    self._release([entry])
+                    continue
+            except PoolFullError:
+                log.warning("PICache pool too small to restore every pin: %s stays on disk", doc_id)
+                continue
+            entry.pinned = True
+            self._release([entry])
+
+    def _document_id_of(self, name_or_id: str) -> str | None:
+        """Content ids and names never mix: a content-id-shaped key is looked up by content only."""
+        return name_or_id if is_content_id(name_or_id) else self.names.get(name_or_id)
 
     def find_document(self, name_or_id: str) -> Document | None:
         """A known document by its id or a name it was given (safe from any thread: dict reads)."""
-        rec = self.documents.get(self.names.get(name_or_id, name_or_id))
-        return None if rec is None else Document(list(rec.ids), rec.text, name_or_id)
+        rec = self.documents.get(self._document_id_of(name_or_id))
+        return None if rec is None else Document(list(rec.ids), rec.text, None)
 
     def _tier(self, doc_ids) -> str | None:
         ids = self.entry_ids(doc_ids)
@@ -195,6 +249,12 @@ class Scheduler:
 
     def encode_documents(self, docs: list[Document], pin: bool, ttl_s: float | None) -> list[dict]:
         """Scheduler thread: make sure each document has a PICache (encoding misses), pin it if asked."""
+        return self.encode_documents_durably(docs, pin, ttl_s)[0]
+
+    def encode_documents_durably(self, docs: list[Document], pin: bool,
+                                 ttl_s: float | None) -> tuple[list[dict], list[Future]]:
+        """`encode_documents`, plus one future per document that completes when its entry is on disk (at once
+        without a store directory): acknowledge the documents only once these are done."""
         held = []
         try:
             for d in docs:
@@ -210,16 +270,28 @@ class Scheduler:
         out = []
         now = time.time()
         for d, (entry, tier) in zip(docs, held):
-            doc_id = self._register(d)
+            doc_id = self._register(Document(d.ids, d.text))
+            replaced = self._name(d.name, doc_id) if d.name else None
             rec = self.documents[doc_id]
             if pin or ttl_s:
                 entry.pinned = True
                 until = now + ttl_s if ttl_s else math.inf
                 rec.pinned_until = until if rec.pinned_until is None else max(until, rec.pinned_until)
-            out.append(self._describe(doc_id, rec, found_in=tier or "encoded"))
+                self.index.set_pin(doc_id, rec.pinned_until)
+            out.append(self._describe(doc_id, rec, found_in=tier or "encoded", replaced=replaced))
+        durable = [self._durable(entry) for entry, _ in held]
         self._release([e for e, _ in held])
         self._count_lookups([t for _, t in held])
-        return out
+        return out, durable
+
+    def _durable(self, entry: Entry) -> Future:
+        """The entry's disk write (pending or done); one that never happened or failed is written again now."""
+        if self.store is None:
+            fut: Future = Future()
+            fut.set_result(None)
+            return fut
+        fut = self.store.durable(entry.ids)
+        return fut if fut is not None else self.store.persist(entry.ids, read_entry(self.pool, entry))
 
     def _describe(self, doc_id: str, rec: DocumentRecord, **extra) -> dict:
         tokens = len(self.entry_ids(rec.ids))
@@ -232,14 +304,16 @@ class Scheduler:
         return [self._describe(doc_id, rec) for doc_id, rec in self.documents.items()]
 
     def unpin(self, name_or_id: str) -> dict | None:
-        doc_id = self.names.get(name_or_id, name_or_id)
+        doc_id = self._document_id_of(name_or_id)
         rec = self.documents.get(doc_id)
         if rec is None:
             return None
-        self._unpin(rec)
+        self._unpin(doc_id, rec)
         return self._describe(doc_id, rec)
 
-    def _unpin(self, rec: DocumentRecord):
+    def _unpin(self, doc_id: str, rec: DocumentRecord):
+        if rec.pinned_until is not None:
+            self.index.clear_pin(doc_id)
         rec.pinned_until = None
         entry = self.pool.find(self.entry_ids(rec.ids))
         if entry is not None:
@@ -247,11 +321,19 @@ class Scheduler:
 
     def _expire_pins(self):
         now = time.time()
-        for rec in self.documents.values():
+        for doc_id, rec in self.documents.items():
             if rec.pinned_until is not None and rec.pinned_until <= now:
-                self._unpin(rec)
+                self._unpin(doc_id, rec)
 
     # -- validation (any thread: reads configuration only) --------------------------------------------------
+
+    def check_upload(self, docs: list[Document]):
+        """413 when an upload's documents together need more pages than the whole pool (429 is for "not now")."""
+        pages = sum(self.pool.pages_for(len(ids)) for ids in {self.entry_ids(d.ids) for d in docs})
+        if pages > self.pool.num_pages:
+            raise APIError(413, f"'documents' need {pages} pool pages together but the whole PICache pool has "
+                                f"{self.pool.num_pages}: this upload can never fit; send fewer documents at once",
+                           param="documents", code="documents_too_large")
 
     def check(self, gen: Generation, prompt_field: str):
         """APIError (400 naming the field, or 413) when the request can never be served."""
@@ -296,6 +378,10 @@ class Scheduler:
             self.failed = e
             log.exception("warm-up failed")
             return
+        try:
+            self._restore_pins()
+        except Exception:  # a pin that cannot come back costs its speed, not the server
+            log.exception("restoring pins failed")
         self.ready.set()
         while True:
             with self.cond:

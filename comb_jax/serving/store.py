@@ -7,9 +7,13 @@ and whatever else the pool keeps per page, such as int8 scales), so a quantized 
   bounded by `host_bytes`) instead of dropping them.
 - Disk: every entry the server encodes is written through to disk in the background, so a restarted server
   (or `python -m comb_jax.serving.encode_corpus`) finds it. A hit on host or disk is promoted back into the pool.
+  `persist` returns a future that completes when the entry is durable: `POST /v1/documents` answers only then.
 - Disk layout: ROOT/<fingerprint[:24]>/<key>/ with meta.json (ids, shapes, dtypes, sha256 checksum) and one
-  zarr array per name. A write goes to a `.tmp-<pid>-...` directory renamed into place when complete, so a
-  process killed mid-write leaves only a temp directory, never a half entry; a read recomputes the checksum.
+  zarr array per name. A write goes to a `.tmp-<pid>-...` directory, every file and directory in it is fsynced,
+  and it is renamed into place (then the parent is fsynced), so a process killed mid-write leaves only a temp
+  directory, never a half entry, and an entry that is there survives a power cut; a read recomputes the checksum.
+  A damaged entry (bad meta.json, arrays or checksum) is logged once and removed, so it is encoded and written
+  again on its next use.
 - Keys hash the store fingerprint (encoder weights, tokenizer, pool dtype and array layout) with the ids;
   a hit also compares the ids themselves. An entry under another fingerprint is never read.
 """
@@ -25,13 +29,14 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from comb_jax.errors import UsageError
 from comb_jax.serving.pool import entry_key  # the one key of an entry in every tier
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,49 @@ def checksum(ids, arrays: dict[str, np.ndarray]) -> str:
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:
     return sum(a.nbytes for a in arrays.values())
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)  # a directory too: fsync on its fd makes its entries durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path):
+    """fsync every file and directory under `root`, deepest first, so renaming `root` publishes durable bytes."""
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
+
+
+def done_future(result=None) -> Future:
+    fut: Future = Future()
+    fut.set_result(result)
+    return fut
+
+
+def check_store_dir(root) -> Path | None:
+    """The store directory, created if need be and checked writable (UsageError, one line, otherwise);
+    None for no store ('none' or empty)."""
+
+    if root is None or str(root).strip().lower() in ("", "none"):
+        return None
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f"{TMP_PREFIX}{os.getpid()}-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--store-dir {root} cannot be used: {e.strerror or e}") from None
+    return root
+
+
+class StoreWriteError(OSError):
+    """An entry could not be made durable (disk full, read-only, gone): the entry still serves from memory."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,6 +224,22 @@ class HostTier:
         return found
 
 
+def meta_problem(meta, fingerprint: str) -> str | None:
+    """Why a decoded meta.json cannot be an entry of this store (None: it can)."""
+    if not isinstance(meta, dict):
+        return "meta.json is not an object"
+    if meta.get("fingerprint") != fingerprint:
+        return "meta.json names another fingerprint"
+    ids, arrays = meta.get("ids"), meta.get("arrays")
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        return "meta.json has no token ids"
+    if not isinstance(arrays, dict) or not all(isinstance(a, dict) for a in arrays.values()):
+        return "meta.json has no arrays"
+    if not isinstance(meta.get("checksum"), str):
+        return "meta.json has no checksum"
+    return None
+
+
 class DiskTier:
     """One directory per entry under ROOT/<fingerprint[:24]>/, written atomically (temp dir + rename)."""
 
@@ -226,7 +290,9 @@ class DiskTier:
                     "arrays": {n: {"dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()},
                     "checksum": checksum(ids, arrays)}
             (tmp / "meta.json").write_text(json.dumps(meta))
+            fsync_tree(tmp)
             os.rename(tmp, final)  # atomic: the entry appears whole or not at all
+            _fsync(self.dir)  # and the rename itself survives a crash
             return True
         except OSError:
             if final.is_dir() and self.has(key):  # another writer won the race
@@ -237,11 +303,26 @@ class DiskTier:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def read_meta(self, key: str) -> dict | None:
+        """The entry's meta.json, or None when there is no entry; a damaged one is dropped (logged once)."""
         try:
             meta = json.loads((self.path(key) / "meta.json").read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return None
-        return meta if meta.get("fingerprint") == self.fingerprint else None
+        except (OSError, ValueError) as e:
+            if not self.path(key).is_dir():
+                return None  # removed meanwhile (another process dropped it)
+            self.drop(key, f"unreadable meta.json: {type(e).__name__}: {e}")
+            return None
+        problem = meta_problem(meta, self.fingerprint)
+        if problem is not None:
+            self.drop(key, problem)
+            return None
+        return meta
+
+    def drop(self, key: str, why: str):
+        """Remove a damaged entry so its next use encodes and writes it afresh (a warning, once per damage)."""
+        log.warning("PICache store: dropping damaged entry %s (%s); it is encoded again on its next use", key, why)
+        shutil.rmtree(self.path(key), ignore_errors=True)
 
     def read(self, key: str, ids) -> dict[str, np.ndarray] | None:
         """The entry's arrays, or None when absent, for other ids or another fingerprint, or corrupt (then it is
@@ -261,8 +342,7 @@ class DiskTier:
             if checksum(ids, arrays) != meta["checksum"]:
                 raise ValueError("checksum mismatch")
         except Exception as e:  # a damaged entry is a miss, never served
-            log.warning("PICache store: dropping corrupt entry %s: %s", key, e)
-            shutil.rmtree(self.path(key), ignore_errors=True)
+            self.drop(key, f"{type(e).__name__}: {e}")
             return None
         return arrays
 
@@ -307,15 +387,30 @@ class PICacheStore:
         for _key, old_ids, old_arrays in self.host.put(self.key(ids), ids, arrays):
             self.persist(old_ids, old_arrays)  # normally written already: then this is a no-op
 
-    def persist(self, ids, arrays):
-        """Write an entry to disk in the background (no-op without a disk tier or when it is there)."""
+    def persist(self, ids, arrays) -> Future:
+        """Write an entry to disk in the background. The future completes when the entry is durable (at once
+        without a disk tier or when it is there) and raises StoreWriteError when it cannot be written."""
         if self.disk is None:
-            return
+            return done_future()
         key = self.key(ids)
         with self.lock:
-            if key in self.pending or self.disk.has(key):
-                return
-            self.pending[key] = self.writer.submit(self._write, key, tuple(ids), arrays)
+            if key in self.pending:
+                return self.pending[key]
+            if self.disk.has(key):
+                return done_future()
+            fut = self.pending[key] = self.writer.submit(self._write, key, tuple(ids), arrays)
+            return fut
+
+    def durable(self, ids) -> Future | None:
+        """A future for the entry's durability (pending write or done), or None when it is on no disk and no
+        write is pending (never written, or the write failed): persist it again."""
+        if self.disk is None:
+            return done_future()
+        key = self.key(ids)
+        with self.lock:
+            if key in self.pending:
+                return self.pending[key]
+        return done_future() if self.disk.has(key) else None
 
     def _write(self, key, ids, arrays):
         try:
@@ -323,6 +418,7 @@ class PICacheStore:
         except Exception as e:  # a full or read-only disk costs the entry its disk copy, not the server
             self.write_errors += 1
             log.warning("PICache store: could not write entry %s: %s", key, e)
+            raise StoreWriteError(f"entry {key[:12]} could not be written: {type(e).__name__}: {e}") from e
         finally:
             with self.lock:
                 self.pending.pop(key, None)
@@ -331,7 +427,7 @@ class PICacheStore:
         with self.lock:
             fut = self.pending.get(key)
         if fut is not None:
-            fut.result()
+            wait([fut])  # a failed write is a miss here, not an error
 
     def tier(self, ids) -> str | None:
         key = self.key(ids)
@@ -353,11 +449,10 @@ class PICacheStore:
         return out
 
     def flush(self):
-        """Wait for every background write."""
+        """Wait for every background write (failures were logged and counted in `write_errors`)."""
         with self.lock:
             futures = list(self.pending.values())
-        for f in futures:
-            f.result()
+        wait(futures)
 
     def close(self):
         self.flush()
