@@ -1,4 +1,5 @@
-"""The shipped smollm2_pointer Comb: its fingerprint, and that it reads held-out needles from the right chunks."""
+"""The shipped smollm2_pointer Comb: its fingerprint, and that it reads invented facts stated in held-out wordings
+(a template family training never saw, `needles.reading_set("wording")`) from the right chunks."""
 
 import jax
 import numpy as np
@@ -6,13 +7,17 @@ import pytest
 
 from comb_jax.config import load_config
 from comb_jax.eval import harness as ev
+from comb_jax.eval.metrics import contains_answer
+from comb_jax.eval.pic_modes import PicRunner
 from comb_jax.text.codec import make_codec
 from comb_jax.text.prompt import prompt_segments
 from comb_jax.training import data
+from comb_jax.training.needles import reading_set
 from comb_jax.weights import shipped
 
 pytestmark = pytest.mark.slow
-NEEDLES_ANSWERED = 3  # of the 8 below: the shipped step 1350 answers exactly these 3, the other 5 are near copies
+FACTS_ANSWERED = 2  # of the 8 held-out-wording facts below, the shipped read20 step 500 answers exactly 2
+# (1648, stag); 2 more are near copies (Laethorael -> "Laethon", Gaefoudeth -> "Gaefoud")
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +32,14 @@ def test_card_matches_the_weights_and_the_backbone(pointer, smol_backbone):
     directory = shipped.shipped_dir("smollm2_pointer")
     card = shipped.read_card(directory)
     assert card["fingerprint"] == shipped.file_sha256(directory / "comb.safetensors")
-    held_out = card["metrics"]["needles_100_heldout"]
-    assert card["config"]["model"]["num_cross_layers"] == 1 and held_out["reading_gap_closed"] > 0.7
-    assert held_out["contain_original"] >= 0.9 * held_out["full_prompt_contain"]
+    wording = card["metrics"]["wording_50_heldout"]  # the eval's held-out wordings: Comb above naive reuse
+    assert card["config"]["model"]["num_cross_layers"] == 1 and wording["reading_gap_closed"] > 0.3
+    assert wording["naive_contain"] < wording["contain_original"] <= wording["full_prompt_contain"]
 
 
-def test_reads_held_out_needles_from_the_right_chunks_in_any_order(pointer, shared_data):
-    from comb_jax.training.needles import needle_examples
-
+def test_reads_held_out_wordings_from_the_right_chunks_in_any_order(pointer, shared_data):
     cfg, params = pointer
-    rows = needle_examples(shared_data, "dev", 8, seed=0)
+    rows = reading_set("wording", shared_data, 8, seed=0)
     examples = [data.Example(f"n{i}", tuple(r["chunks"]), r["question"], r["answer"], (r["answer"],))
                 for i, r in enumerate(rows)]
     codec = make_codec(cfg)
@@ -49,16 +52,12 @@ def test_reads_held_out_needles_from_the_right_chunks_in_any_order(pointer, shar
     np.testing.assert_allclose(again["per_example"]["nll_comb"], r["per_example"]["nll_comb"], rtol=1e-4)
 
 
-def test_answers_held_out_needles_from_its_chunks_in_any_chunk_order(pointer, shared_data):
-    """Greedy answers, as the eval serves them: most invented facts are answered, identically in both orders."""
-    from comb_jax.eval.metrics import contains_answer
-    from comb_jax.eval.pic_modes import PicRunner
-    from comb_jax.training.needles import needle_examples
-
+def test_answers_held_out_wordings_from_its_chunks_in_any_chunk_order(pointer, shared_data):
+    """Greedy answers, as the eval serves them: invented facts in wordings it never saw, identical in both orders."""
     cfg, params = pointer
     codec = make_codec(cfg)
     runner = PicRunner(params, cfg.model, stop_ids=codec.stop_ids, max_new_tokens=12)
-    rows = needle_examples(shared_data, "dev", 8, seed=0)
+    rows = reading_set("wording", shared_data, 8, seed=0)
     right, answers_seen = 0, []
     for r in rows:
         answers = [codec.decode(runner.answer("comb", prompt_segments(codec, chunks, r["question"],
@@ -67,7 +66,7 @@ def test_answers_held_out_needles_from_its_chunks_in_any_chunk_order(pointer, sh
         assert answers[0] == answers[1], (r["question"], answers)
         right += contains_answer(answers[0], [r["answer"]])
         answers_seen.append((r["answer"], answers[0]))
-    assert right >= NEEDLES_ANSWERED, f"{right} of 8 held-out invented facts answered: {answers_seen}"
+    assert right >= FACTS_ANSWERED, f"{right} of 8 held-out invented facts answered: {answers_seen}"
 
 
 def test_training_can_start_from_the_shipped_weights(pointer):

