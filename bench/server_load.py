@@ -1,14 +1,23 @@
 """Load test of the HTTP server on localhost: Comb and `--mode full` side by side, in one run; stops by itself.
 
-    nice -n 10 python bench/server_load.py --config smollm2_comb [--requests 200 --clients 16 --documents 50]
+    nice -n 10 python bench/server_load.py --config tiny_comb [--requests 200 --clients 16 --documents 64 \\
+        --scenarios random,fixed --docs-per-request 4-8 --doc-tokens 256-512]
 
 For each mode a server (`serve.py --http`, a subprocess with a fresh PICache store) gets `--requests` streamed chat
-requests from `--clients` concurrent clients; each request reads a random subset (2-4, in random order) of a
-corpus of `--documents` SQuAD paragraphs (../shared/data; synthetic text without it) and asks one question, greedy.
+requests from `--clients` concurrent clients; each request reads documents as its scenario says and asks one
+question, greedy.
 Then every request is replayed alone (one at a time) and its answer must equal the concurrent one.
+Scenarios (`--scenarios`): the corpus is `--documents` documents of `--doc-tokens` tokens (SQuAD paragraphs from
+../shared/data joined up to the length, synthetic text without them) with a Zipf popularity (`--zipf`: rank r
+drawn with weight 1 / r^s). `random`: a request reads `--docs-per-request` distinct documents drawn by popularity,
+in random order (a prefix cache reuses little). `fixed`: the corpus is split into topics of 8 documents; a
+request draws a topic by popularity and reads its first k documents in the topic's order (a prefix cache's best
+case).
 Reported per mode: requests/s, output tokens/s, client-side TTFT p50/p99, document hit rate per tier (device pool,
 host memory, disk), errors and mismatches. The default overrides make the pool and host tier smaller than the
-corpus, so all three tiers serve hits. Writes bench/results/server_load.json and a section of bench/RESULTS.md.
+corpus, so all three tiers serve hits. Writes bench/results/server_load.json (runs keyed by config, scenario
+and context size), a section of bench/RESULTS.md, and bench/results/server_load_<config>.png (requests/s and TTFT
+p50 against context tokens per request, one line per mode and scenario, over every recorded run of the config).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,42 +47,81 @@ from comb_jax.serving.app import wait_ready  # noqa: E402
 SHARED_DATA = ROOT.parent / "shared" / "data" / "squad_v2_dev_cs224n" / "dev-v2.0.json"
 RESULTS_JSON = ROOT / "bench" / "results" / "server_load.json"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+PLOT = ROOT / "bench" / "results" / "server_load_{config}.png"
 SECTION = "## HTTP server under load (`bench/server_load.py`)"
-# SmolLM2: one prompt bucket, a 512-token context of up to four ~80-token documents, 64 pool pages (the corpus
-# needs ~100), 8-token answers. tiny_comb: byte-level documents of <= 60 bytes in a 64-page pool.
-DEFAULT_OVERRIDES = {
-    "smollm2_comb": ["serve.prompt_buckets=(64,)", "serve.context_buckets=(512,)", "serve.chunk_buckets=(128,)",
-                     "serve.max_chunk_tokens=128", "serve.max_context_tokens=512", "serve.pool_tokens=4096",
-                     "serve.max_batch=8", "serve.max_new_tokens=8"],
-    "tiny_comb": ["serve.max_new_tokens=16"],
-}
-DEFAULT_HOST_MB = {"smollm2_comb": 4.0, "tiny_comb": 0.2}
+TOPIC = 8  # documents per topic in the fixed-order scenario
+# Contexts of 4-8 documents of 256-512 tokens (up to ~4.6K page-rounded tokens): context buckets to 6144; the pool
+# holds about a third of the 64-document corpus, so documents are evicted and come back from the host/disk tiers.
+_LOAD = ["serve.prompt_buckets=(64,)", "serve.context_buckets=(2048,4096,6144)", "serve.chunk_buckets=(512,)",
+         "serve.max_chunk_tokens=512", "serve.max_context_tokens=6144", "serve.pool_tokens=12288",
+         "serve.max_batch=8"]
+# SmolLM2 documents are cut by words (~0.75 a token), so their chunk bucket leaves room for a longer tokenization.
+DEFAULT_OVERRIDES = {"smollm2_comb": [*_LOAD, "serve.max_new_tokens=8", "serve.chunk_buckets=(768,)",
+                                      "serve.max_chunk_tokens=768"],
+                     "tiny_comb": [*_LOAD, "serve.max_new_tokens=16"]}
+DEFAULT_HOST_MB = {"smollm2_comb": 16.0, "tiny_comb": 1.0}
 
 
-def corpus(n: int, byte_level: bool, rng) -> list[tuple[str, str]]:
-    """(document, question about it) pairs: SQuAD paragraphs cut short, or synthetic facts without the data."""
-    pairs = []
+def corpus(n: int, byte_level: bool, lengths: tuple[int, int], rng) -> list[tuple[str, str]]:
+    """(document, question about it) pairs, each document `lengths` tokens long (bytes for the toy tokenizer,
+    ~0.75 words a token otherwise): SQuAD paragraphs joined up, or synthetic facts without the data."""
+    paragraphs = []
     if SHARED_DATA.is_file():
         for article in json.loads(SHARED_DATA.read_text())["data"]:
-            for p in article["paragraphs"][:2]:
+            for p in article["paragraphs"]:
                 if p["qas"]:
-                    pairs.append((p["context"], p["qas"][0]["question"]))
-    if len(pairs) < n:
-        pairs = [(f"Item {i} is kept in box {i * 7 % 13} on shelf {i % 5}, next to item {i * 3 % n}.",
-                  f"Where is item {i}?") for i in range(n)]
-    pairs = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
-    if byte_level:  # the toy tokenizer: one token per byte
-        return [(d.encode()[:60].decode(errors="ignore"), q.encode()[:40].decode(errors="ignore")) for d, q in pairs]
-    return [(" ".join(d.split()[:60]), q) for d, q in pairs]
+                    paragraphs.append((p["context"], p["qas"][0]["question"]))
+    if not paragraphs:
+        paragraphs = [(f"Item {i} is kept in box {i * 7 % 13} on shelf {i % 5}, next to item {i * 3 % 97}.",
+                       f"Where is item {i}?") for i in range(997)]
+    order = rng.permutation(len(paragraphs))
+    size = (lambda t: len(t.encode())) if byte_level else (lambda t: int(len(t.split()) / 0.75))
+    pairs, at = [], 0
+    for _ in range(n):
+        target = int(rng.integers(lengths[0], lengths[1] + 1))
+        text, question = "", paragraphs[order[at % len(order)]][1]
+        while size(text) < target:
+            text = (text + " " + paragraphs[order[at % len(order)]][0]).strip()
+            at += 1
+        if byte_level:  # the toy tokenizer: one token per byte
+            text = text.encode()[:target].decode(errors="ignore")
+            question = question.encode()[:40].decode(errors="ignore")
+        else:
+            text = " ".join(text.split()[:int(target * 0.75)])
+        pairs.append((text, question))
+    return pairs
 
 
-def make_requests(pairs, count: int, rng) -> list[dict]:
+def zipf_weights(n: int, s: float) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** s
+    return w / w.sum()
+
+
+def make_requests(pairs, count: int, rng, scenario: str, per_request: tuple[int, int], zipf: float) -> list[dict]:
+    """`random`: k distinct documents drawn by popularity, in random order. `fixed`: a topic (TOPIC documents)
+    drawn by popularity, its first k documents in the topic's order."""
+    n = len(pairs)
+    ranked = rng.permutation(n)  # document ids by popularity rank
+    topics = [list(range(i, min(i + TOPIC, n))) for i in range(0, n, TOPIC)]
+    ranked_topics = rng.permutation(len(topics))
     out = []
     for _ in range(count):
-        k = int(rng.integers(2, 5))
-        picked = [int(i) for i in rng.permutation(len(pairs))[:k]]
+        k = int(rng.integers(per_request[0], per_request[1] + 1))
+        if scenario == "random":
+            picked = [int(ranked[i]) for i in rng.choice(n, k, replace=False, p=zipf_weights(n, zipf))]
+        elif scenario == "fixed":
+            topic = topics[int(ranked_topics[rng.choice(len(topics), p=zipf_weights(len(topics), zipf))])]
+            picked = topic[:k]
+        else:
+            raise ValueError(f"unknown scenario {scenario!r}")
         out.append({"documents": [pairs[i][0] for i in picked], "question": pairs[picked[0]][1]})
     return out
+
+
+def span(text: str) -> tuple[int, int]:
+    """'4-8' -> (4, 8); '6' -> (6, 6)."""
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
 
 
 def free_port() -> int:
@@ -99,7 +148,7 @@ def ask(client, model: str, req: dict, max_tokens: int, stream: bool) -> dict:
     return {"text": "".join(parts), "usage": usage, "ttft_s": ttft, "latency_s": time.perf_counter() - start}
 
 
-def run_mode(mode: str, args, overrides: list[str], requests: list[dict]) -> dict:
+def run_mode(mode: str, args, overrides: list[str], requests: list[dict], scenario: str) -> dict:
     import openai
 
     port = free_port()
@@ -136,6 +185,8 @@ def run_mode(mode: str, args, overrides: list[str], requests: list[dict]) -> dic
             list(pool.map(one, range(len(requests))))
         elapsed = time.perf_counter() - start
         print(f"[{mode}] concurrent phase {elapsed:.0f} s; replaying each request alone", file=sys.stderr)
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/documents", timeout=60).json()["data"] if mode == "comb" \
+            else []
         mismatches = []
         for i, req in enumerate(requests):
             if results[i] is None:
@@ -155,7 +206,10 @@ def run_mode(mode: str, args, overrides: list[str], requests: list[dict]) -> dic
     misses = sum(r["usage"]["document_misses"] for r in ok)
     lookups = sum(hits.values()) + misses
     return {
-        "mode": mode, "requests": len(requests), "clients": args.clients, "errors": len(errors),
+        "mode": mode, "scenario": scenario, "requests": len(requests),
+        "context_tokens_mean": round(float(np.mean([r["usage"]["document_tokens"] for r in ok])), 1) if ok else None,
+        "bytes_per_cached_document": round(float(np.mean([d["bytes"] for d in listed]))) if listed else None,
+        "clients": args.clients, "errors": len(errors),
         "error_samples": errors[:5], "mismatches_vs_alone": len(mismatches), "mismatch_samples": mismatches[:5],
         "elapsed_s": round(elapsed, 2), "requests_per_s": round(len(ok) / elapsed, 3),
         "output_tokens_per_s": round(sum(r["usage"]["completion_tokens"] for r in ok) / elapsed, 2),
@@ -170,16 +224,20 @@ def run_mode(mode: str, args, overrides: list[str], requests: list[dict]) -> dic
 
 def markdown(summary: dict) -> str:
     rows = summary["modes"]
-    head = ("| mode | requests/s | output tokens/s | TTFT p50 (s) | TTFT p99 (s) | hit rate device / host / disk | "
-            "errors | answers != alone |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| scenario | mode | context tokens / request | requests/s | output tokens/s | TTFT p50 (s) | TTFT p99 (s) "
+            "| hit rate device / host / disk | MB per cached document | errors | answers != alone |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         rate = " / ".join(f"{r['hit_rate'][t]:.2f}" if r["hit_rate"][t] is not None else "-"
                           for t in ("device", "host", "disk"))
         if r["mode"] == "full":
             rate = "- (documents inlined)"
-        lines.append(f"| {r['mode']} | {r['requests_per_s']} | {r['output_tokens_per_s']} | {r['ttft_p50_s']} | "
-                     f"{r['ttft_p99_s']} | {rate} | {r['errors']} | {r['mismatches_vs_alone']} |")
+        mb = r.get("bytes_per_cached_document")
+        mb = f"{mb / 2**20:.3f}" if mb else "-"
+        lines.append(f"| {r.get('scenario', 'random')} | {r['mode']} | {r.get('context_tokens_mean')} | "
+                     f"{r['requests_per_s']} | {r['output_tokens_per_s']} | {r['ttft_p50_s']} | "
+                     f"{r['ttft_p99_s']} | {rate} | {mb} | {r['errors']} | {r['mismatches_vs_alone']} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -191,10 +249,10 @@ def write_results(summary: dict, command: str):
             runs = json.loads(RESULTS_JSON.read_text())
         except ValueError:
             runs = {}
-    runs[summary["config"]] = summary
+    runs[summary["key"]] = summary
     RESULTS_JSON.write_text(json.dumps(runs, indent=2) + "\n")
     text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmarks\n"
-    block = (f"### {summary['config']}: {summary['requests']} requests, {summary['clients']} clients, "
+    block = (f"### {summary['key']}: {summary['requests']} requests, {summary['clients']} clients, "
              f"{summary['documents']} documents\n\n```\n{command}\n```\n\n{markdown(summary)}\n"
              f"Overrides: `{' '.join(summary['overrides'])}`, host tier {summary['host_cache_mb']} MB, "
              f"max_tokens {summary['max_tokens']}. Raw: `bench/results/server_load.json`.\n")
@@ -205,10 +263,46 @@ def write_results(summary: dict, command: str):
     nxt = re.search(r"^## ", text[start + len(SECTION):], re.M)
     end = start + len(SECTION) + nxt.start() if nxt else len(text)
     section = text[start:end]
-    old = re.search(rf"^### {re.escape(summary['config'])}:.*?(?=^### |\Z)", section, re.M | re.S)
+    old = re.search(rf"^### {re.escape(summary['key'])}:.*?(?=^### |\Z)", section, re.M | re.S)
     section = (section[:old.start()] + block + "\n" + section[old.end():]) if old else section.rstrip() + "\n\n" + \
         block + "\n"
     RESULTS_MD.write_text(text[:start] + section.rstrip() + "\n" + ("\n" + text[end:] if nxt else ""))
+    plot(runs, summary["config"])
+
+
+def plot(runs: dict, config: str):
+    """requests/s and TTFT p50 against context tokens per request, one line per (scenario, mode), over every
+    recorded run of `config`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for summary in runs.values():
+        if summary.get("config") != config:
+            continue
+        for r in summary["modes"]:
+            if r.get("context_tokens_mean") is not None:
+                lines.setdefault((r.get("scenario", "random"), r["mode"]), []).append(
+                    (r["context_tokens_mean"], r["requests_per_s"], r["ttft_p50_s"]))
+    if not lines:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (scenario, mode), points in sorted(lines.items()):
+        points.sort()
+        x = [p[0] for p in points]
+        style = "-o" if scenario == "random" else "--s"
+        axes[0].plot(x, [p[1] for p in points], style, label=f"{mode} ({scenario} order)")
+        axes[1].plot(x, [p[2] for p in points], style, label=f"{mode} ({scenario} order)")
+    axes[0].set(xlabel="context tokens per request", ylabel="requests/s", title=f"{config}: throughput")
+    axes[1].set(xlabel="context tokens per request", ylabel="TTFT p50 (s)", title=f"{config}: time to first token")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(PLOT).format(config=config), dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -217,7 +311,11 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--documents", type=int, default=50)
+    ap.add_argument("--documents", type=int, default=64)
+    ap.add_argument("--doc-tokens", default="256-512", help="tokens per document: LO-HI")
+    ap.add_argument("--docs-per-request", default="4-8", help="documents per request: LO-HI")
+    ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of document (topic) popularity")
+    ap.add_argument("--scenarios", default="random,fixed")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--modes", default="comb,full")
     ap.add_argument("--host-cache-mb", type=float, default=None)
@@ -231,11 +329,16 @@ def main(argv=None) -> int:
     if args.host_cache_mb is None:
         args.host_cache_mb = DEFAULT_HOST_MB.get(args.config, 1024.0)
     rng = np.random.default_rng(args.seed)
-    pairs = corpus(args.documents, byte_level=args.config.startswith("tiny"), rng=rng)
-    requests = make_requests(pairs, args.requests, rng)
-    modes = [run_mode(m, args, overrides, requests) for m in args.modes.split(",")]
-    summary = {"config": args.config, "requests": args.requests, "clients": args.clients,
-               "documents": args.documents, "max_tokens": args.max_tokens, "overrides": overrides,
+    pairs = corpus(args.documents, args.config.startswith("tiny"), span(args.doc_tokens), rng)
+    modes = []
+    for scenario in args.scenarios.split(","):
+        requests = make_requests(pairs, args.requests, np.random.default_rng([args.seed, len(modes)]), scenario,
+                                 span(args.docs_per_request), args.zipf)
+        modes += [run_mode(m, args, overrides, requests, scenario) for m in args.modes.split(",")]
+    key = f"{args.config}, {args.docs_per_request} documents of {args.doc_tokens} tokens"
+    summary = {"key": key, "config": args.config, "requests": args.requests, "clients": args.clients,
+               "documents": args.documents, "doc_tokens": args.doc_tokens, "docs_per_request": args.docs_per_request,
+               "zipf": args.zipf, "max_tokens": args.max_tokens, "overrides": overrides,
                "host_cache_mb": args.host_cache_mb, "modes": modes}
     print(markdown(summary))
     print(json.dumps(summary, indent=2))

@@ -261,3 +261,40 @@ def test_warming_up_answers_503(tiny_params):
     finally:
         release.set()
         thread.stop()
+
+
+
+def test_waiting_requests_admitted_in_one_prefill(server):
+    """Requests that arrive while the scheduler is busy are prefilled together (one call, their misses encoded
+    together), answer as each does alone (greedy and seeded sampling), and compile nothing new."""
+    jobs = [("Batch one?", DOCS[:2], 6, 0.0), ("Batch two?", [DOCS[4], "A page only this batch reads."], 9, 0.0),
+            ("Batch three?", [], 4, 0.0), ("Batch four?", [DOCS[1], "A page only this batch reads."], 7, 1.0)]
+    server.chat("Warm?", DOCS[:1], max_tokens=2)
+    sched = server.scheduler
+    hold, held = threading.Event(), threading.Event()
+    sched.call(lambda: (held.set(), hold.wait(30)))  # keep the scheduler busy while the requests queue up
+    assert held.wait(30)
+    before, admitted = compile_count(), len(sched.admissions)
+    together = [None] * len(jobs)
+
+    def run(i):
+        q, d, n, t = jobs[i]
+        together[i] = server.chat(q, d, max_tokens=n, temperature=t, seed=5)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(sched.waiting) < len(jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hold.set()
+    for t in threads:
+        t.join()
+    assert sched.admissions[admitted:] == [len(jobs)]  # one prefill call for all four
+    assert compile_count() == before
+    # the new document was encoded once, for both requests that read it
+    assert together[1].usage.model_dump()["document_misses"] == 1
+    assert together[3].usage.model_dump()["document_misses"] == 0
+    alone = [server.chat(q, d, max_tokens=n, temperature=t, seed=5).choices[0].message.content
+             for q, d, n, t in jobs]
+    assert [r.choices[0].message.content for r in together] == alone

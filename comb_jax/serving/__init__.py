@@ -4,9 +4,11 @@
   `joint_pages`: pages close enough share one physical page.
 - `engine`: batched serving (pool lookup, chunk encoding, bucketed prefill, decode loop); `memory_plan`: what a
   config takes on one device (`serve.py --dry-run`).
-- `slots`: the per-slot decode state (static shapes), `insert` of a prefilled request and one `decode_step`.
+- `slots`: the per-slot decode state (static shapes), `prefill_rows` + `insert_rows` of a batch of admitted
+  requests (`insert` of one), and one `decode_step`.
 - `store`: PICache tiers below the device pool: host memory and disk (tensorstore), keyed by fingerprint + ids.
-- `scheduler`: the thread that owns the device: admits requests into free slots between decode steps.
+- `scheduler`: the thread that owns the device: admits every waiting request that fits, in one prefill call,
+  into free slots between decode steps.
 - `protocol`: request validation for HTTP and the batch mode alike (errors name the field).
 - `batch`: the batch JSONL mode of serve.py; `demo`: its built-in demo batch.
 - `app`: the FastAPI app (`/v1/chat/completions`, `/v1/completions`, `/v1/documents`, `/metrics`, ...).

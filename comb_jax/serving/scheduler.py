@@ -2,9 +2,11 @@
 
 One loop, one thread (every JAX call happens here, so the pool's donated buffers are never raced):
 1. run queued tasks (document uploads, listings, unpins: they touch the pool too);
-2. admit: while a slot is free, take the oldest waiting request, acquire its documents' PICaches (device pool
-   hit, else promoted from the host or disk tier, else encoded with `pool.write`, then written through to
-   disk), prefill it alone (`engine.prefill_with_pages`) and `insert` it into the slot;
+2. admit, batched: take every waiting request (oldest first) that has a free slot and whose documents fit the
+   pool, acquire their PICaches (device pool hit, else promoted from the host or disk tier, else reserved),
+   encode all their misses together (`pool.write`, then written through to disk), prefill them in one bucketed
+   call (`slots.prefill_rows`, batch bucket `admit_buckets`: powers of two up to the slot count) and
+   `insert_rows` them into their slots;
 3. one `decode_step` for all slots; each active slot checks its own stop ids, stop strings and token budget,
    streams its new text, and leaves at once when done (its pages are released).
 Shapes never change after `warmup()`: prompts and contexts are bucketed as in the batch engine, the slot state
@@ -26,14 +28,13 @@ import jax
 import numpy as np
 
 from comb_jax.model.buckets import bucket_for
-from comb_jax.model.decode import prefill
-from comb_jax.serving.engine import Engine, Request, prefill_with_pages
+from comb_jax.serving.engine import Engine, Request
 from comb_jax.serving.limits import DEFAULT_MAX_QUEUE, QueueFull
 from comb_jax.serving.metrics import TIERS, ServerMetrics
 from comb_jax.serving.names import DocumentIndex, is_content_id
 from comb_jax.serving.pool import Entry, PoolFullError, RequestError, write_chunks
 from comb_jax.serving.protocol import APIError, Document, Generation
-from comb_jax.serving.slots import decode_step, init_slots, insert
+from comb_jax.serving.slots import decode_step, init_slots, insert_rows, prefill_rows
 from comb_jax.serving.store import (
     PICacheStore,
     entry_key,
@@ -55,6 +56,17 @@ log = logging.getLogger(__name__)
 def request_key(seed):
     """uint32 seed -> typed PRNG key (jitted: one compile, whatever the seed)."""
     return jax.random.key(seed)
+
+
+@jax.jit
+def request_key_data(seeds):
+    """uint32 seeds [B] -> each one's PRNG key data [B, 2] (one compile per batch bucket)."""
+    return jax.vmap(lambda seed: jax.random.key_data(jax.random.key(seed)))(seeds)
+
+
+def admit_buckets(slots: int) -> tuple[int, ...]:
+    """Batch sizes of an admission prefill: powers of two below the slot count, and the slot count."""
+    return tuple(sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots}))
 
 
 @dataclass
@@ -106,6 +118,8 @@ class Scheduler:
         self.metrics = metrics or ServerMetrics()
         s = engine.serve
         self.slots = s.max_batch
+        self.admit_buckets = admit_buckets(self.slots)
+        self.admissions: list[int] = []  # requests per admission prefill call, in order (for tests and benches)
         self.kv_slots = max(engine.prompt_buckets) + s.max_new_tokens
         self.context_tokens = max(engine.context_buckets) if engine.mode == "comb" else 0
         self.model_cfg = engine.cfg.model
@@ -429,8 +443,13 @@ class Scheduler:
         job.on_event("error", error)
 
     def _admit(self):
+        """Admit every waiting request that has a slot and fits the pool: encode their misses together, prefill
+        them in one call. A request that does not fit (pool full) waits at the head for a later turn."""
         self._blocked = False
-        while self.waiting and not self.active.all():
+        free = int((~self.active).sum())
+        batch: list[Job] = []
+        pending: set[int] = set()  # entries this admission encodes: a later request finds them as device hits
+        while self.waiting and len(batch) < free:
             job = self.waiting[0]
             if job.cancelled:
                 self.waiting.popleft()
@@ -439,6 +458,8 @@ class Scheduler:
             try:
                 self._acquire(job)
             except PoolFullError as e:
+                if batch:  # admit what fits now; this one retries next turn
+                    break
                 now = time.perf_counter()
                 job.full_since = job.full_since or now
                 if self.active.any():  # pages come free as running requests finish
@@ -456,14 +477,23 @@ class Scheduler:
                 self._fail_waiting(job, APIError(400, str(e), param="documents"))
                 continue
             self.waiting.popleft()
-            slot = int(np.flatnonzero(~self.active)[0])
-            try:
-                self._prefill_into(job, slot)
-            except Exception as e:
-                log.exception("prefill failed")
-                self._release(job.held)
-                job.held = []
-                self._fail_waiting(job, APIError(500, f"internal error: {type(e).__name__}: {e}"))
+            job.tiers = ["device" if t is None and id(e) in pending else t for e, t in zip(job.held, job.tiers)]
+            pending.update(id(e) for e, t in zip(job.held, job.tiers) if t is None)
+            self._count_lookups(job.tiers)
+            batch.append(job)
+        if not batch:
+            return
+        try:
+            self._encode_misses([e for job in batch for e in job.held])
+            free_slots = [int(i) for i in np.flatnonzero(~self.active)[:len(batch)]]
+            self._prefill_into(batch, free_slots)
+        except Exception as e:
+            log.exception("admission failed")
+            for job in batch:
+                if job.held and all(j is not job for j in self.slot_jobs):
+                    self._release(job.held)
+                    job.held = []
+                    self._fail_waiting(job, APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     def _lookup(self, ids) -> tuple[Entry, str | None]:
         """A pool entry for `ids`, refcount held: ("device") a pool hit, ("host"/"disk") promoted from the store,
@@ -484,20 +514,19 @@ class Scheduler:
         return entry, None
 
     def _acquire(self, job: Job):
-        """All of a request's entries or none; misses are encoded here. Counted once the request is admitted."""
+        """All of a request's entries or none (misses reserved, encoded by the caller with the rest of the
+        admission). The caller counts the lookups once the request is admitted."""
         request = Request(job.id, job.gen.prompt_ids, [d.ids for d in job.gen.documents])
         held = []
         try:
             for ids in self.engine.context_entries(request):
                 held.append(self._lookup(ids))
-            self._encode_misses([e for e, _ in held])
         except BaseException:
             self._release([e for e, _ in held])
             raise
         job.held, job.tiers = [e for e, _ in held], [t for _, t in held]
         for d in job.gen.documents:
             self._register(d)
-        self._count_lookups(job.tiers)
 
     def _count_lookups(self, tiers: list[str | None]):
         for t in tiers:
@@ -527,36 +556,55 @@ class Scheduler:
         self.seed_counter += 1
         return np.uint32((self.engine.serve.seed * 1_000_003 + self.seed_counter) % (1 << 32))
 
-    def _prefill(self, prompt_ids, entries: list[Entry], seed, temperature: float, top_p: float):
-        """Prefill one prompt reading `entries`' pages -> (DecodeState of batch 1, CrossContext or None)."""
+    def _prefill(self, prompts: list[list[int]], entries: list[list[Entry]], seeds, temperature, top_p):
+        """Prefill prompts reading their entries' pages, padded to a batch bucket -> (KVCache, CrossContext or None,
+        first tokens [B], key data [B, 2]); rows past len(prompts) are padding."""
         e, s = self.engine, self.engine.serve
-        t = bucket_for(len(prompt_ids), e.prompt_buckets, error=RequestError)
-        prompt = np.zeros((1, t), np.int32)
-        prompt[0, :len(prompt_ids)] = prompt_ids
-        lengths = np.array([len(prompt_ids)], np.int32)
-        temp, top = np.array([temperature], np.float32), np.array([top_p], np.float32)
-        static = dict(cfg=self.model_cfg, slots=self.kv_slots, max_new_tokens=1, stop_ids=e.stop_ids, dtype=e.dtype)
-        rng = request_key(seed)
+        n = len(prompts)
+        b = bucket_for(n, self.admit_buckets, error=RequestError)
+        t = bucket_for(max(len(p) for p in prompts), e.prompt_buckets, error=RequestError)
+        prompt = np.zeros((b, t), np.int32)
+        lengths = np.ones((b,), np.int32)
+        for row, p in enumerate(prompts):
+            prompt[row, :len(p)] = p
+            lengths[row] = len(p)
+        pad = lambda xs, fill, dtype: np.array(list(xs) + [fill] * (b - n), dtype)
+        key_data = request_key_data(pad(seeds, 0, np.uint32))
+        temp, top = pad(temperature, 0.0, np.float32), pad(top_p, 1.0, np.float32)
+        static = dict(cfg=self.model_cfg, slots=self.kv_slots, dtype=e.dtype)
         if not self.context_tokens:
-            return prefill(e.params, prompt, lengths, None, rng, temp, top, **static), None
-        context = max(1, sum(len(x.pages) for x in entries) * s.page_tokens)
-        table, mask = self.pool.page_table([entries], bucket_for(context, e.context_buckets, error=RequestError))
-        return prefill_with_pages(e.params, self.pool.k, self.pool.v, table, mask, prompt, lengths, rng, temp, top,
-                                  **static)
+            return prefill_rows(e.params, None, None, None, None, prompt, lengths, key_data, temp, top, **static)
+        context = max(1, max(sum(len(x.pages) for x in row) for row in entries) * s.page_tokens)
+        table, mask = self.pool.page_table(list(entries) + [[]] * (b - n),
+                                           bucket_for(context, e.context_buckets, error=RequestError))
+        return prefill_rows(e.params, self.pool.k, self.pool.v, table, mask, prompt, lengths, key_data, temp, top,
+                            **static)
 
-    def _prefill_into(self, job: Job, slot: int):
-        gen = job.gen
-        state, ctx = self._prefill(gen.prompt_ids, job.held, self._seed(gen), gen.temperature, gen.top_p)
-        self.state = insert(self.state, np.int32(slot), state.kv_cache, ctx, state.last_token, state.rng,
-                            np.float32(gen.temperature), np.float32(gen.top_p))
-        first = int(np.asarray(state.last_token)[0])
-        job.first_token_at = time.perf_counter()
-        self.metrics.ttft.observe(job.first_token_at - job.arrived)
-        self.metrics.prompt_tokens.inc(len(gen.prompt_ids))
-        self.metrics.tokens(1)
-        self.active[slot] = True
-        self.slot_jobs[slot] = job
-        self._advance(slot, first)
+    def _insert(self, slot_ids: list[int], out, temperature, top_p):
+        kv, ctx, first, key_data = out
+        b = first.shape[0]
+        pad = lambda xs, fill, dtype: np.array(list(xs) + [fill] * (b - len(xs)), dtype)
+        self.state = insert_rows(self.state, pad(slot_ids, self.slots, np.int32), kv, ctx, first, key_data,
+                                 pad(temperature, 0.0, np.float32), pad(top_p, 1.0, np.float32))
+        return first
+
+    def _prefill_into(self, jobs: list[Job], slot_ids: list[int]):
+        gens = [job.gen for job in jobs]
+        temps, tops = [g.temperature for g in gens], [g.top_p for g in gens]
+        out = self._prefill([g.prompt_ids for g in gens], [job.held for job in jobs], [self._seed(g) for g in gens],
+                            temps, tops)
+        first = np.asarray(self._insert(slot_ids, out, temps, tops))
+        self.admissions.append(len(jobs))
+        now = time.perf_counter()
+        for job, slot in zip(jobs, slot_ids):
+            job.first_token_at = now
+            self.metrics.ttft.observe(now - job.arrived)
+            self.metrics.prompt_tokens.inc(len(job.gen.prompt_ids))
+            self.metrics.tokens(1)
+            self.active[slot] = True
+            self.slot_jobs[slot] = job
+        for row, slot in enumerate(slot_ids):
+            self._advance(slot, int(first[row]))
 
     def _step(self):
         self.state, nxt = decode_step(self.engine.params, self.state, self.active, cfg=self.model_cfg,
@@ -642,12 +690,12 @@ class Scheduler:
                 set_pool_arrays(pool, scatter_pages(pool_arrays(pool), np.full((width,), pool.num_pages, np.int32),
                                                     jax.tree.map(np.asarray, values)))
         contexts = e.context_buckets if self.context_tokens else (0,)
-        for t in e.prompt_buckets:
-            for c in contexts:
-                fake = [Entry((0,) * c, [0] * (c // s.page_tokens), written=True)] if c else []  # masked page 0
-                state, ctx = self._prefill([0] * t, fake, np.uint32(0), 0.0, 1.0)
-                self.state = insert(self.state, np.int32(0), state.kv_cache, ctx, state.last_token, state.rng,
-                                    np.float32(0.0), np.float32(1.0))
+        for b in self.admit_buckets:
+            for t in e.prompt_buckets:
+                for c in contexts:
+                    fake = [Entry((0,) * c, [0] * (c // s.page_tokens), written=True)] if c else []  # masked page 0
+                    out = self._prefill([[0] * t] * b, [fake] * b, [np.uint32(0)] * b, [0.0] * b, [1.0] * b)
+                    self._insert([], out, [], [])  # every row dropped: the slots keep their state
         self.state, nxt = decode_step(e.params, self.state, np.zeros(self.slots, bool), cfg=self.model_cfg,
                                       dtype=e.dtype)
         np.asarray(nxt)

@@ -1,10 +1,12 @@
-"""Continuous batching on static shapes: S decode slots, `insert` a prefilled request, one `decode_step`.
+"""Continuous batching on static shapes: S decode slots, `insert` prefilled requests, one `decode_step`.
 
 The state holds every slot's KV cache, its request's dense cross context (keys already k-normed, padded to the
-largest context bucket), the last token, its own PRNG stream and sampling parameters. A request is prefilled on
-its own (`engine.prefill_with_pages`, batch 1) and `insert`ed into a free slot between decode steps; a finished
-request leaves by being marked inactive (the host passes `active` [S] to each step), so no shape ever changes.
-Both functions donate the state: the slots are updated in place, as in JetStream's prefill/insert/generate.
+largest context bucket), the last token, its own PRNG stream and sampling parameters. Waiting requests are
+prefilled together (`prefill_rows`: a bucketed batch, each row its own PRNG stream, so a row's answer does not
+depend on the others) and `insert_rows`ed into free slots between decode steps; a finished request leaves by
+being marked inactive (the host passes `active` [S] to each step), so no shape ever changes. `insert` (one
+request) is kept for callers that prefill alone. The insert functions and the step donate the state: the slots
+are updated in place, as in JetStream's prefill/insert/generate.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import jax.numpy as jnp
 
 from comb_jax.config import ModelConfig
 from comb_jax.model.decode import sample
-from comb_jax.model.transformer import CrossContext, KVCache, forward, init_kv_cache, lm_logits
+from comb_jax.model.transformer import (
+    CrossContext,
+    KVCache,
+    PICache,
+    cross_context,
+    forward,
+    init_kv_cache,
+    lm_logits,
+)
+from comb_jax.serving.pool import gather_context
 
 
 class SlotState(NamedTuple):
@@ -79,6 +90,53 @@ def insert(state: SlotState, slot, kv_cache: KVCache, context: CrossContext | No
                      put(state.key_data, jax.random.key_data(rng)[None], 0),
                      put(state.temperature, jnp.reshape(temperature, (1,)), 0),
                      put(state.top_p, jnp.reshape(top_p, (1,)), 0))
+
+
+@partial(jax.jit, static_argnames=("cfg", "slots", "dtype"))
+def prefill_rows(params, pool_k, pool_v, page_table, context_mask, prompt, prompt_lengths, key_data, temperature,
+                 top_p, *, cfg: ModelConfig, slots: int, dtype=jnp.float32):
+    """Prefill a batch of requests, each with its own PRNG stream, reading their pages (page_table None: none).
+
+    page_table [B, C / page_tokens]; context_mask [B, C]; prompt [B, T] right-padded; prompt_lengths [B];
+    key_data [B, 2] (each request's key); temperature, top_p [B]. Returns (KVCache of `slots` positions, CrossContext
+    or None, first token [B], key_data [B, 2] after the first draw). Row i is what the same request prefilled
+    alone draws: its key is split into (next stream, draw) as `decode.prefill` does.
+    """
+    ctx = None
+    if page_table is not None:
+        ctx = cross_context(params, PICache(*gather_context(pool_k, pool_v, page_table, context_mask, dtype)), cfg,
+                            dtype)
+    cache = init_kv_cache(cfg, prompt.shape[0], slots, dtype)
+    hidden, cache = forward(params, prompt, cfg, ctx, cache, prompt_lengths, dtype, fresh_cache=True)
+    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
+    keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key_data))  # [B, 2]: next stream, draw
+    first = sample_rows(lm_logits(params, last)[:, 0], keys[:, 1], temperature, top_p)
+    return cache, ctx, first, jax.random.key_data(keys[:, 0])
+
+
+@partial(jax.jit, donate_argnames=("state",))
+def insert_rows(state: SlotState, slot_ids, kv_cache: KVCache, context: CrossContext | None, first_token, key_data,
+                temperature, top_p) -> SlotState:
+    """Write B prefilled requests into rows `slot_ids` [B] (an id >= S is a padding row, dropped).
+
+    kv_cache: k, v [N, B, M, K, D]; context: k, v [E, B, C, K, D], mask [B, C] with C <= the state's context
+    length (padded here; one compile per batch and context bucket); first_token, temperature, top_p [B];
+    key_data [B, 2].
+    """
+    def put(big, rows, axis):
+        idx = (slice(None),) * axis + (slot_ids,)
+        return big.at[idx].set(rows.astype(big.dtype), mode="drop")
+
+    kv = KVCache(put(state.kv_cache.k, kv_cache.k, 1), put(state.kv_cache.v, kv_cache.v, 1),
+                 put(state.kv_cache.lengths, kv_cache.lengths, 0))
+    ctx = state.context
+    if ctx is not None:
+        pad = ctx.mask.shape[1] - context.mask.shape[1]
+        dense = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+        ctx = CrossContext(put(ctx.k, dense(context.k), 1), put(ctx.v, dense(context.v), 1),
+                           put(ctx.mask, jnp.pad(context.mask, ((0, 0), (0, pad))), 0))
+    return SlotState(kv, ctx, put(state.last_token, first_token, 0), put(state.key_data, key_data, 0),
+                     put(state.temperature, temperature, 0), put(state.top_p, top_p, 0))
 
 
 @partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("state",))
