@@ -12,8 +12,9 @@ import argparse
 import json
 import sys
 
+from comb_jax import distributed
 from comb_jax.config import load_config
-from comb_jax.errors import Parser
+from comb_jax.errors import Parser, UsageError
 from comb_jax.eval.in_training import make_evaluator
 from comb_jax.training import trainer
 
@@ -25,6 +26,12 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
     parser.add_argument("--dry-run", action="store_true", help="compile the train step abstractly and exit")
     parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices for --dry-run")
+    pod = parser.add_argument_group("multi-host (run the same command on every host; TPU pods, SLURM and the "
+                                    "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables are "
+                                    "detected without flags)")
+    pod.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same on every host")
+    pod.add_argument("--num-processes", type=int, metavar="N", help="how many processes (hosts) take part")
+    pod.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
     return parser.parse_args(argv)
 
 
@@ -35,6 +42,11 @@ def train(cfg, **kwargs) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # --dry-run's simulated devices were set by train.py (cli.devices) before jax loaded
+    if not args.dry_run:  # first: before anything touches a device
+        try:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
     cfg = load_config(args.config, args.overrides)  # a ConfigError becomes one line and status 2 (see errors.run)
     if args.dry_run:
         print(json.dumps(trainer.dry_run(cfg), indent=2))
@@ -44,6 +56,8 @@ def main(argv=None) -> int:
     except trainer.TrainingDiverged as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    if not distributed.is_primary():
+        return 0
     ev = summary["last_eval"] or {}
     print(json.dumps({"steps": [summary["start_step"], summary["end_step"]], "run_dir": summary["run_dir"],
                       "final_loss": summary.get("losses", [None])[-1], "eval_loss": ev.get("eval_loss"),

@@ -36,7 +36,16 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: every process's devices).
+
+    Devices are ordered by process, so the last (tensor) axis stays inside one host and each process holds a
+    contiguous block of batch rows. Over several processes the mesh must use every device (it would otherwise leave
+    some process without work and hang it) and the tensor axis must divide one host's devices.
+    """
+    whole_system = devices is None
     devices = list(devices if devices is not None else jax.devices())
+    if whole_system:
+        devices.sort(key=lambda d: (d.process_index, d.id))
     sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if sizes.count(-1) > 1:
@@ -47,6 +56,13 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) > len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    if whole_system and jax.process_count() > 1:
+        if math.prod(sizes) != len(devices):
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} of the {len(devices)} "
+                             f"devices of {jax.process_count()} processes: a multi-process mesh must use them all")
+        if jax.local_device_count() % sizes[2]:
+            raise ValueError(f"mesh tensor={sizes[2]} must divide one host's {jax.local_device_count()} devices: "
+                             "the tensor axis stays inside a host")
     grid = np.array(devices[: math.prod(sizes)]).reshape(sizes)
     return Mesh(grid, MESH_AXES)
 

@@ -219,6 +219,10 @@ def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_pa
             answers = {row["id"]: row["answer"] for row in map(json.loads, lines[1:])}
             if all(e.id in answers for e in examples):
                 return [dataclasses.replace(e, answer=answers[e.id]) for e in examples]
+    if jax.process_count() > 1:
+        raise DataError(f"{cache_path} has no teacher answers for these examples and weights; generating them across "
+                        "processes is not supported yet: run train.py once in one process (it writes the cache, "
+                        "which every process then reads)")
     batch = cfg.train.batch_size
     max_new = cfg.train.teacher_max_tokens
     prompts = [codec.teacher_prompt_ids(e.chunks, e.question) for e in examples]
@@ -318,20 +322,40 @@ def _teacher_arrays(features: list[dict], td: int, tc) -> dict[str, np.ndarray]:
     return {"teacher_tokens": teacher_tokens, "teacher_index": teacher_index}
 
 
-def train_dataset(examples: list[Example], codec: Codec, tc, seed: int):
-    """grain MapDataset of batches: shuffled by `seed` (a new order each epoch), repeated forever."""
+def _collate_rows(examples: list[Example], rows: slice, codec: Codec, tc) -> dict[str, np.ndarray]:
+    return collate([tokenize(e, codec, tc) for e in examples[rows]], tc)
+
+
+def train_dataset(examples: list[Example], codec: Codec, tc, seed: int, rows: slice | None = None):
+    """grain MapDataset of batches: shuffled by `seed` (a new order each epoch), repeated forever.
+
+    `rows` (a multi-process run) keeps only those rows of each global batch: a process tokenizes only the rows its
+    devices hold. Every process walks the same global order, so the global batch equals the one-process batch row
+    for row and one iterator state (the same on every process) resumes them all. Shapes are this process's own
+    buckets; `pad_to` brings them to the buckets agreed across processes.
+    """
     if len(examples) < tc.batch_size:
         raise DataError(f"{len(examples)} training examples cannot fill one batch of {tc.batch_size}")
     return (grain.MapDataset.source(examples)
             .shuffle(seed=seed)
             .repeat(None)
-            .map(partial(tokenize, codec=codec, tc=tc))
-            .batch(tc.batch_size, drop_remainder=True, batch_fn=partial(collate, tc=tc)))
+            .batch(tc.batch_size, drop_remainder=True, batch_fn=list)
+            .map(partial(_collate_rows, rows=rows or slice(None), codec=codec, tc=tc)))
 
 
-def train_iterator(examples: list[Example], codec: Codec, tc, seed: int | None = None):
-    """A checkpointable iterator of batches (`get_state()` / `set_state(state)`)."""
-    return iter(train_dataset(examples, codec, tc, tc.seed if seed is None else seed).to_iter_dataset())
+def train_iterator(examples: list[Example], codec: Codec, tc, seed: int | None = None, rows: slice | None = None):
+    """A checkpointable iterator of batches (`get_state()` / `set_state(state)`); `rows`: see `train_dataset`."""
+    return iter(train_dataset(examples, codec, tc, tc.seed if seed is None else seed, rows).to_iter_dataset())
+
+
+def pad_to(batch: dict[str, np.ndarray], shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Zero-pad each array up to `shapes[name]` on its trailing axes (the rows stay): what `collate` builds when
+    a longer row picks a larger bucket, since every padding position is 0 / False."""
+    out = {}
+    for k, v in batch.items():
+        pad = [(0, 0)] + [(0, t - s) for s, t in zip(v.shape[1:], shapes[k][1:])]
+        out[k] = np.pad(v, pad) if any(p for _, p in pad) else v
+    return out
 
 
 def eval_batches(examples: list[Example], codec: Codec, tc):

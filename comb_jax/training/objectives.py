@@ -142,7 +142,8 @@ def kvpacket_objective_loss(adapter, backbone, batch, cfg):
 class Objective:
     """One kind of training run. `name`: the params key of the trainable subtree ("comb" or "kvpacket");
     `layout(cfg)`: its parameter layout; `init(cfg, backbone, codec, key)`: its first value (host or device arrays);
-    `batches(examples, codec, tc, seed)`: a checkpointable iterator of its batches; `loss(trainable, backbone, batch,
+    `batches(examples, codec, tc, seed[, rows])`: a checkpointable iterator of its batches (`rows`: a process's rows of
+    each global batch, see `data.train_dataset`); `loss(trainable, backbone, batch,
     cfg)`; `after_save(run_dir, trainable, step)`: files written beside each checkpoint (or None)."""
 
     name: str
@@ -169,8 +170,8 @@ def _kvpacket_init(cfg, backbone, codec, key):
     return kvpacket.init_kvpacket(backbone, cfg.train.kvpacket_tokens, codec.encode(kvpacket.TRAILER_INIT_TEXT))
 
 
-def _comb_batches(examples, codec, tc, seed):
-    return data_lib.train_iterator(examples, codec, tc, seed)
+def _comb_batches(examples, codec, tc, seed, rows=None):
+    return data_lib.train_iterator(examples, codec, tc, seed, rows)
 
 
 ANSWER = Objective("comb", _comb_layout, _comb_init, _comb_batches, loss_fn)

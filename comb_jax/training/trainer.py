@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from comb_jax import distributed
 from comb_jax.model.buckets import bucket_for
 from comb_jax.model.layout import abstract_params, count_params, model_layout
 from comb_jax.model.sharding import logical_sharding, make_mesh, param_shardings, replicated
@@ -191,6 +193,43 @@ def make_train_step(cfg, mesh, optimizer, example_batch):
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
 
 
+def process_rows(mesh, batch_size: int) -> slice:
+    """The rows of a global batch that this process's devices hold: one contiguous block, because the mesh orders
+    devices by process (`make_mesh`). All rows in a one-process run."""
+    sharding = logical_sharding((batch_size,), ("batch",), mesh)
+    spans = sorted({(idx[0].start or 0, batch_size if idx[0].stop is None else idx[0].stop)
+                    for d, idx in sharding.devices_indices_map((batch_size,)).items()
+                    if d.process_index == jax.process_index()})
+    for (_, stop), (start, _) in zip(spans, spans[1:]):
+        if start > stop:
+            raise ValueError(f"process {jax.process_index()} holds rows {spans} of the batch: not one block")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def global_batch(local: dict, mesh, batch_size: int) -> tuple[dict, int]:
+    """(the batch the step takes, its real tokens) from this process's rows (`process_rows`).
+
+    One process: the numpy batch as it is. Several: the processes agree on each array's shape (the largest length
+    bucket any of them picked, exchanged with their real-token counts in one allgather), pad their rows to it, and
+    build global arrays from the process-local rows (`jax.make_array_from_process_local_data`).
+    """
+    tokens = real_tokens(local)
+    if jax.process_count() == 1:
+        return local, tokens
+    names = sorted(local)
+    dims = [d for k in names for d in local[k].shape[1:]]
+    everyone = distributed.allgather(np.array(dims + [tokens], np.int64))
+    agreed, tokens = everyone[:, :-1].max(0).tolist(), int(everyone[:, -1].sum())
+    shapes, i = {}, 0
+    for k in names:
+        rank = local[k].ndim - 1
+        shapes[k] = (batch_size, *agreed[i:i + rank])
+        i += rank
+    local = data_lib.pad_to(local, shapes)
+    return {k: jax.make_array_from_process_local_data(logical_sharding(shapes[k], BATCH_AXES[k], mesh), local[k],
+                                                      shapes[k]) for k in names}, tokens
+
+
 def init_state(cfg, mesh, optimizer, comb) -> TrainState:
     """Place `comb` (host or device arrays) on the mesh and build its optimizer state there."""
     sh = state_shardings(cfg, mesh, optimizer)
@@ -276,28 +315,40 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                          f"{cfg.model.context_encoding!r} / context_bos={cfg.model.context_bos} are for serving "
                          "imported release checkpoints")
     run_dir = Path(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    primary = distributed.is_primary()  # host files (metrics, progress, caches) are written by the primary only
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier("comb_jax.train.run_dir")
     mesh = make_mesh(cfg.mesh)
     check_batch_divides(cfg, mesh)
     backbone_host = load_backbone(cfg) if backbone is None else backbone
     backbone = place_backbone(cfg, mesh, backbone_host)
     codec = make_codec(cfg)
     if examples is None:
-        examples = prepare_examples(cfg, codec, {"backbone": backbone}, run_dir, progress)
+        # the teacher's fingerprint reads the host copy: every process has all of it
+        examples = prepare_examples(cfg, codec, {"backbone": backbone_host}, run_dir, progress and primary)
     train_ex, eval_ex = examples
     trainable_tree = objective.layout(cfg)
-    iterator = objective.batches(train_ex, codec, tc, tc.seed)
+    if jax.process_count() > 1:
+        if objective.name != "comb":
+            raise NotImplementedError(f"train.objective={tc.objective} trains in one process only")
+        rows = process_rows(mesh, tc.batch_size)
+        iterator = objective.batches(train_ex, codec, tc, tc.seed, rows)
+    else:
+        iterator = objective.batches(train_ex, codec, tc, tc.seed)
 
     optimizer = make_optimizer(tc)
     manager = ckpt.make_manager(ckpt.checkpoint_root(run_dir), tc.keep_checkpoints)
     start = manager.latest_step() if resume else None
-    if resume and start is None:
+    if resume and start is None and primary:
         print(f"--resume: no checkpoint in {ckpt.checkpoint_root(run_dir)}; starting from scratch")
     if start is None:
         if not resume and manager.latest_step() is not None:
             raise FileExistsError(f"{ckpt.checkpoint_root(run_dir)} already has checkpoints: pass --resume to "
                                   "continue, or choose another train.run_dir")
         comb = objective.init(cfg, backbone_host, codec, jax.random.key(tc.seed))
+        if tc.objective == "kv" and not tc.init_checkpoint and jax.process_count() > 1:
+            raise NotImplementedError("train.objective=kv calibrates its scale in one process only")
         if tc.objective == "kv" and not tc.init_checkpoint:  # a batch from its own stream: the run's is untouched
             calibration = next(data_lib.train_iterator(train_ex, codec, tc, seed=tc.seed + 1))
             comb = jax.jit(lambda c, bb, b: calibrate_kv_scale(c, bb, b, cfg))(comb, backbone, calibration)
@@ -314,7 +365,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
         iterator.set_state(data_state)
 
     data_state = iterator.get_state()  # before each batch is drawn: what a checkpoint of the kept state needs
-    first = next(iterator)
+    first, first_tokens = global_batch(next(iterator), mesh, tc.batch_size)
     train_step = make_train_step(cfg, mesh, optimizer, first)
     schedule = learning_rate(tc)
     peak = peak_flops(jax.devices()[0])
@@ -322,8 +373,8 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     metrics_path = run_dir / "metrics.jsonl"
     step = int(state.step)
     summary = {"start_step": step, "run_dir": str(run_dir)}
-    bar = tqdm(total=tc.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
-    batch = first
+    bar = tqdm(total=tc.steps, initial=step, desc=cfg.name, disable=not (progress and primary), dynamic_ncols=True)
+    batch, tokens = first, first_tokens
     last_eval = None
 
     def run_eval(at_step: int) -> dict:
@@ -331,7 +382,8 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
         shown = ", ".join(f"{k[len('eval_'):]} {'n/a' if v is None else f'{v:.4f}'}" for k, v in result.items()
                           if k != "eval_samples" and not k.startswith("eval_nll"))
         sample = f"; sample: {json.dumps(result['eval_samples'][:1])}" if result.get("eval_samples") else ""
-        tqdm.write(f"step {at_step}: {shown}{sample}")
+        if primary:
+            tqdm.write(f"step {at_step}: {shown}{sample}")
         return result
 
     def save(at_step: int, eval_loss=None):
@@ -340,7 +392,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
             objective.after_save(run_dir, jax.device_get(state.comb), at_step)
 
     try:
-        with metrics_path.open("a") as log:
+        with (metrics_path.open("a") if primary else open(os.devnull, "w")) as log:
             if evaluate and tc.eval_at_start and tc.eval_every > 0 and step == 0:  # the untrained baseline
                 last_eval = run_eval(0)
                 log.write(json.dumps({"step": 0, **{k: v for k, v in last_eval.items() if k != "eval_samples"}}) + "\n")
@@ -364,7 +416,6 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                     raise TrainingDiverged(f"loss is {loss} at step {step + 1} (gradient norm "
                                            f"{float(metrics['grad_norm'])}): the update was not applied; stopping, "
                                            f"and {kept}")
-                tokens = real_tokens(batch)
                 record = {"step": step, "loss": loss, "ce": float(metrics["ce"]), "kl": float(metrics["kl"]),
                           "hidden": float(metrics["hidden"]),
                           **(gate_values(state.comb) if objective.name == "comb" else {}),
@@ -389,7 +440,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                     break
                 if step < tc.steps:
                     data_state = iterator.get_state()
-                    batch = next(iterator)
+                    batch, tokens = global_batch(next(iterator), mesh, tc.batch_size)
     finally:
         bar.close()
         manager.wait_until_finished()

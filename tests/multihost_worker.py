@@ -1,0 +1,55 @@
+"""One process of a simulated multi-host training run (tests/test_multihost.py starts several).
+
+`python tests/multihost_worker.py '{"process_id": I, "num_processes": N, "port": P, "run_dir": ..., "out": ...,
+"overrides": [...], "resume": false, "stop_after": null}'`: trains tiny_comb on the toy examples and, on the
+primary, writes the losses and the trainable parameters (gathered from every process) to `out`.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from train_helpers import checkpointed_run_cfg, toy_examples
+
+from comb_jax import distributed
+from comb_jax.config import apply_overrides, load_config
+from comb_jax.training import trainer
+from comb_jax.training.data import Example
+
+
+def examples(n: int) -> list[Example]:
+    """Toy examples, every third with a long first chunk: the processes' rows pick different length buckets."""
+    out = toy_examples(n)
+    for i in range(0, n, 3):
+        e = out[i]
+        out[i] = Example(e.id, (e.chunks[0] + " It is known far and wide, every day.", e.chunks[1]), e.question,
+                         e.answer, e.golds)
+    return out
+
+
+def main(args: dict) -> None:
+    if args["num_processes"] > 1:
+        distributed.initialize(f"127.0.0.1:{args['port']}", args["num_processes"], args["process_id"], timeout_s=60)
+    cfg = checkpointed_run_cfg(load_config("tiny_comb"), args["run_dir"], args.get("steps", 4), 5)
+    cfg = apply_overrides(cfg, ["mesh.data=-1", "train.max_chunk_tokens=64", "train.chunk_buckets=(32,64)",
+                                *args.get("overrides", [])])
+    summary = trainer.train(cfg, resume=args.get("resume", False), progress=False, stop_after=args.get("stop_after"),
+                            examples=(examples(16), examples(4)))
+    comb = summary["state"].comb
+    comb = (multihost_utils.process_allgather(comb, tiled=True) if jax.process_count() > 1
+            else jax.device_get(comb))
+    if distributed.is_primary():
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                for path, v in jax.tree_util.tree_flatten_with_path(comb)[0]}
+        np.savez(args["out"] + ".npz", **flat)
+        with open(args["out"] + ".json", "w") as f:
+            json.dump({"losses": summary.get("losses", []), "start_step": summary["start_step"],
+                       "end_step": summary["end_step"], "devices": jax.device_count(),
+                       "processes": jax.process_count()}, f)
+    distributed.barrier("worker.done")
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
