@@ -1,12 +1,11 @@
-"""Continuous batching on static shapes: S decode slots, `insert` prefilled requests, one `decode_step`.
+"""Continuous batching on static shapes: S decode slots, `insert_rows` prefilled requests, one `decode_step`.
 
 The state holds every slot's KV cache, its request's dense cross context (keys already k-normed, padded to the
 largest context bucket), the last token, its own PRNG stream and sampling parameters. Waiting requests are
 prefilled together (`prefill_rows`: a bucketed batch, each row its own PRNG stream, so a row's answer does not
 depend on the others) and `insert_rows`ed into free slots between decode steps; a finished request leaves by
-being marked inactive (the host passes `active` [S] to each step), so no shape ever changes. `insert` (one
-request) is kept for callers that prefill alone. The insert functions and the step donate the state: the slots
-are updated in place, as in JetStream's prefill/insert/generate.
+being marked inactive (the host passes `active` [S] to each step), so no shape ever changes. The insert and the
+step donate the state: the slots are updated in place, as in JetStream's prefill/insert/generate.
 """
 
 from __future__ import annotations
@@ -66,30 +65,6 @@ def sample_rows(logits, keys, temperature, top_p):
     logits [S, vocab]; keys [S] (typed); temperature, top_p [S] -> [S] int32.
     """
     return jax.vmap(lambda lg, k, t, p: sample(lg[None], k, t[None], p[None])[0])(logits, keys, temperature, top_p)
-
-
-@partial(jax.jit, donate_argnames=("state",))
-def insert(state: SlotState, slot, kv_cache: KVCache, context: CrossContext | None, first_token, rng, temperature,
-           top_p) -> SlotState:
-    """Write one prefilled request into row `slot` (a traced scalar: one compile serves every slot).
-
-    kv_cache: k, v [N, 1, M, K, D]; context: k, v [E, 1, C, K, D], mask [1, C] with C <= the state's context
-    length (padded here; one compile per context bucket); first_token [1]; rng: the request's key after the
-    prefill's draw; temperature, top_p: scalars.
-    """
-    put = lambda big, row, axis: jax.lax.dynamic_update_index_in_dim(big, row.astype(big.dtype), slot, axis)
-    kv = KVCache(put(state.kv_cache.k, kv_cache.k, 1), put(state.kv_cache.v, kv_cache.v, 1),
-                 put(state.kv_cache.lengths, kv_cache.lengths, 0))
-    ctx = state.context
-    if ctx is not None:
-        pad = ctx.mask.shape[1] - context.mask.shape[1]
-        dense = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
-        ctx = CrossContext(put(ctx.k, dense(context.k), 1), put(ctx.v, dense(context.v), 1),
-                           put(ctx.mask, jnp.pad(context.mask, ((0, 0), (0, pad))), 0))
-    return SlotState(kv, ctx, put(state.last_token, first_token, 0),
-                     put(state.key_data, jax.random.key_data(rng)[None], 0),
-                     put(state.temperature, jnp.reshape(temperature, (1,)), 0),
-                     put(state.top_p, jnp.reshape(top_p, (1,)), 0))
 
 
 @partial(jax.jit, static_argnames=("cfg", "slots", "dtype"))
