@@ -1,5 +1,11 @@
 """Training: sharded step == single-device step, frozen backbone untouched, overfitting, warm start."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,7 +181,14 @@ def test_lr_multipliers_scale_only_their_parameters(tiny_cfg, tiny_params):
 def test_dry_run_compiles_on_a_simulated_mesh_without_weights(tiny_cfg):
     """The --dry-run path (used for llama8b_comb) on the tiny shapes: abstract arrays, 8 devices, counts reported."""
     cfg = apply_overrides(tiny_cfg, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "batch_size=8"])
-    report = T.dry_run(cfg)
+    # in a fresh process, as `train.py --dry-run` runs: a compile that aborts cannot take the suite down with it
+    code = ("import json, sys; from comb_jax.config import load_config; from comb_jax.training import trainer; "
+            "cfg = load_config('tiny_comb', sys.argv[1:]); print(json.dumps(trainer.dry_run(cfg)))")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "batch_size=8"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     layout = T.model_layout(cfg.model)
     assert report["trainable_params"] == count_params(layout["comb"])
