@@ -20,12 +20,16 @@ demo: install
 
 # The README's test command and CI's: where nvidia-smi finds a GPU, install the cuda extra (jax[cuda12]) and run the
 # tests marked gpu on it; elsewhere the CPU suite (tests marked gpu are deselected by tests/conftest.py).
+# The training tests run in a second process: in one process with the whole suite, a native crash (XLA abort, then a
+# segfault) hit them after ~270 earlier tests, while each file and these files together pass on their own.
+LATE_TESTS := tests/test_train_faults.py tests/test_training.py tests/test_weights.py
+
 test: install
 	@if nvidia-smi -L 2>/dev/null | grep -q GPU; then \
 		echo "make test: GPU found, running the tests marked gpu"; \
 		$(BIN)/pip install -q -e ".[cuda]" && JAX_PLATFORMS=cuda $(BIN)/python -m pytest -m gpu; \
 	else \
-		$(BIN)/python -m pytest; \
+		$(BIN)/python -m pytest $(foreach t,$(LATE_TESTS),--ignore=$(t)) && $(BIN)/python -m pytest $(LATE_TESTS); \
 	fi
 
 # A short SmolLM2 run on real SQuAD (teacher answers for 64 examples, 20 steps; about 15 minutes on 2 CPU cores),
