@@ -49,6 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from comb_jax.config import load_config
+from comb_jax.eval import join
 from comb_jax.eval.metrics import contains_answer, qa_f1, rouge_l
 from comb_jax.eval.pic_modes import DECODER_MODES, MODES, PicRunner, attention_similarity, context_attention
 from comb_jax.methods.kvpacket import init_kvpacket
@@ -398,22 +399,6 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SUMMARY_COLUMNS = [("contain_original", "contain"), ("contain_shuffled", "contain (shuffled)"),
-                   ("score_original", "F1/Rouge-L vs gold"), ("score_vs_full", "vs full's answer"),
-                   ("same_answer_across_orders", "same answer both orders")]
-
-
-def summary_table(every: dict) -> str:
-    """One row per (dataset, mode) of several `run_eval` results: the reading suite's table."""
-    head = ["set", "requests", "mode"] + [h for _, h in SUMMARY_COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for dataset, results in every.items():
-        for mode, s in results["modes"].items():
-            cells = [dataset, str(results["requests"]), mode] + [_cell(s.get(k)) for k, _ in SUMMARY_COLUMNS]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def plot(results: dict, path: Path):
     import matplotlib
 
@@ -547,8 +532,9 @@ def main(argv=None) -> dict:
         write_reports(results, where)
         print(markdown_table(results))
         every[dataset] = results
-    if len(every) > 1:
-        (out / "summary.md").write_text(summary_table(every))
-        print(summary_table(every))
+    if len(every) > 1:  # the reading suite's one table, as `python -m comb_jax.eval.join OUT` makes it
+        table = join.markdown(join.join_runs([out]))
+        (out / "summary.md").write_text(table)
+        print(table)
     return results if len(every) == 1 else every
 

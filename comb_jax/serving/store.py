@@ -390,16 +390,14 @@ class PICacheStore:
     def persist(self, ids, arrays) -> Future:
         """Write an entry to disk in the background. The future completes when the entry is durable (at once
         without a disk tier or when it is there) and raises StoreWriteError when it cannot be written."""
-        if self.disk is None:
-            return done_future()
+        known = self.durable(ids)
+        if known is not None:
+            return known
         key = self.key(ids)
-        with self.lock:
-            if key in self.pending:
-                return self.pending[key]
-            if self.disk.has(key):
-                return done_future()
-            fut = self.pending[key] = self.writer.submit(self._write, key, tuple(ids), arrays)
-            return fut
+        with self.lock:  # another thread may have started the same write since
+            if key not in self.pending:
+                self.pending[key] = self.writer.submit(self._write, key, tuple(ids), arrays)
+            return self.pending[key]
 
     def durable(self, ids) -> Future | None:
         """A future for the entry's durability (pending write or done), or None when it is on no disk and no
