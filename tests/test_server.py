@@ -190,7 +190,11 @@ def test_documents_endpoint_pinning_and_pool_full(server):
     assert back["document_hits"]["host"] + back["document_hits"]["disk"] >= 1
 
 
-def test_client_disconnect_frees_slot_and_pages(server):
+def test_client_disconnect_frees_slot_and_pages(server, monkeypatch):
+    # each decode step a few ms longer: 200 tokens outlast the time the server needs to see the disconnect (on an
+    # idle machine tiny_comb decodes its whole budget before the closed connection is noticed otherwise)
+    step = server.scheduler._step
+    monkeypatch.setattr(server.scheduler, "_step", lambda: (time.sleep(0.005), step())[1])
     request = {"model": MODEL, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 200,
                "temperature": 0, "documents": ["A long story begins."]}
     assert httpx.post(server.url + "/v1/chat/completions", json=request, timeout=60).json()["choices"][0][
