@@ -1,4 +1,5 @@
-"""Load test of the HTTP server on localhost: Comb and `--mode full` side by side, in one run; stops by itself.
+"""Load test of the HTTP server on localhost: Comb, `--mode prefix` and `--mode full` side by side, in one run; stops
+by itself.
 
     nice -n 10 python bench/server_load.py --config tiny_comb [--requests 200 --clients 16 --documents 64 \\
         --scenarios random,fixed --docs-per-request 4-8 --doc-tokens 256-512]
@@ -14,7 +15,8 @@ in random order (a prefix cache reuses little). `fixed`: the corpus is split int
 request draws a topic by popularity and reads its first k documents in the topic's order (a prefix cache's best
 case).
 Reported per mode: requests/s, output tokens/s, client-side TTFT p50/p99, document hit rate per tier (device pool,
-host memory, disk), errors and mismatches. The default overrides make the pool and host tier smaller than the
+host memory, disk; mode prefix: the share of prompt tokens whose KV came from its prefix cache), errors and
+mismatches. The default overrides make the pool and host tier smaller than the
 corpus, so all three tiers serve hits. Writes bench/results/server_load.json (runs keyed by config, scenario
 and context size), a section of bench/RESULTS.md, and bench/results/server_load_<config>.png (requests/s and TTFT
 p50 against context tokens per request, one line per mode and scenario, over every recorded run of the config).
@@ -205,6 +207,8 @@ def run_mode(mode: str, args, overrides: list[str], requests: list[dict], scenar
     hits = {t: sum(r["usage"]["document_hits"][t] for r in ok) for t in ("device", "host", "disk")}
     misses = sum(r["usage"]["document_misses"] for r in ok)
     lookups = sum(hits.values()) + misses
+    prompt_tokens = sum(r["usage"]["prompt_tokens"] for r in ok)
+    cached = sum((r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) for r in ok)
     return {
         "mode": mode, "scenario": scenario, "requests": len(requests),
         "context_tokens_mean": round(float(np.mean([r["usage"]["document_tokens"] for r in ok])), 1) if ok else None,
@@ -218,6 +222,8 @@ def run_mode(mode: str, args, overrides: list[str], requests: list[dict], scenar
         "latency_p50_s": round(float(np.percentile([r["latency_s"] for r in ok], 50)), 4) if ok else None,
         "document_lookups": lookups, "document_misses": misses,
         "hit_rate": {t: round(h / lookups, 4) if lookups else None for t, h in hits.items()},
+        "prompt_tokens": prompt_tokens, "cached_prompt_tokens": cached,
+        "prefix_hit_rate": round(cached / prompt_tokens, 4) if mode == "prefix" and prompt_tokens else None,
         "warmup_s": round(warmup_s, 1),
     }
 
@@ -233,6 +239,8 @@ def markdown(summary: dict) -> str:
                           for t in ("device", "host", "disk"))
         if r["mode"] == "full":
             rate = "- (documents inlined)"
+        elif r["mode"] == "prefix":
+            rate = f"{r['prefix_hit_rate']:.2f} of prompt tokens" if r.get("prefix_hit_rate") is not None else "-"
         mb = r.get("bytes_per_cached_document")
         mb = f"{mb / 2**20:.3f}" if mb else "-"
         lines.append(f"| {r.get('scenario', 'random')} | {r['mode']} | {r.get('context_tokens_mean')} | "
@@ -317,7 +325,7 @@ def main(argv=None) -> int:
     ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of document (topic) popularity")
     ap.add_argument("--scenarios", default="random,fixed")
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--modes", default="comb,full")
+    ap.add_argument("--modes", default="comb,prefix,full")
     ap.add_argument("--host-cache-mb", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout-s", type=float, default=1200)

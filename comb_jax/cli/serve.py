@@ -1,7 +1,7 @@
 """Batch inference with Comb: chunks become PICaches in a page pool, prompts are prefilled, one decode loop.
 
     python serve.py [--config smollm2_pointer] [--checkpoint RUN_DIR] --input requests.jsonl \\
-        --output results.jsonl [--mode comb|full] [key=value overrides]
+        --output results.jsonl [--mode comb|full|prefix] [key=value overrides]
     python serve.py --http --config smollm2_comb --port 8000   # the OpenAI-compatible server (comb_jax/serving)
 
 Request lines: {"id", "chunks": [text, ...], "question" | "messages", "max_tokens", "temperature", "top_p"}.
@@ -38,8 +38,10 @@ def parse_args(argv=None):
                          "layout (export_comb's or the release's: its own model config and tokenizer)")
     ap.add_argument("--input", default=None, help="requests JSONL (default: the built-in demo batch)")
     ap.add_argument("--output", default="results.jsonl")
-    ap.add_argument("--mode", choices=("comb", "full"), default="comb",
-                    help="comb: chunks as PICaches; full: chunks inlined in the prompt, no PIC (baseline)")
+    ap.add_argument("--mode", choices=("comb", "full", "prefix"), default="comb",
+                    help="comb: chunks as PICaches; full: chunks inlined in the prompt, no PIC (baseline); prefix: "
+                         "as full, reusing the backbone KV of the longest cached prompt prefix (automatic prefix "
+                         "caching, the baseline users run)")
     ap.add_argument("--warmup", action="store_true",
                     help="compile every bucket before serving, so TTFT excludes compilation")
     ap.add_argument("--dry-run", action="store_true",

@@ -51,14 +51,19 @@ def _is_stop(tokens, stop_ids):
 def prefill(params, prompt, prompt_lengths, picache: PICache | CrossContext | None, rng, temperature, top_p, *,
             cfg: ModelConfig, slots: int, max_new_tokens: int, stop_ids: tuple[int, ...], dtype=jnp.float32):
     """prompt [B, T] right-padded, prompt_lengths [B] -> DecodeState holding the first sampled token."""
-    b = prompt.shape[0]
-    cache = init_kv_cache(cfg, b, slots, dtype)
+    cache = init_kv_cache(cfg, prompt.shape[0], slots, dtype)
     hidden, cache = forward(params, prompt, cfg, picache, cache, prompt_lengths, dtype, fresh_cache=True)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
     rng, key = jax.random.split(rng)
     first = sample(lm_logits(params, last)[:, 0], key, temperature, top_p)
-    tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    return DecodeState(cache, first, tokens, jnp.ones((b,), jnp.int32), _is_stop(first, stop_ids), rng)
+    return start_state(cache, first, rng, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+
+
+@partial(jax.jit, static_argnames=("max_new_tokens", "stop_ids"))
+def start_state(kv_cache: KVCache, first, rng, *, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeState:
+    """The DecodeState after a prefill that filled `kv_cache` and sampled `first` [B]; `rng`: the loop's stream."""
+    tokens = jnp.zeros((first.shape[0], max_new_tokens), jnp.int32).at[:, 0].set(first)
+    return DecodeState(kv_cache, first, tokens, jnp.ones(first.shape, jnp.int32), _is_stop(first, stop_ids), rng)
 
 
 @partial(jax.jit, static_argnames=("cfg", "stop_ids", "dtype"), donate_argnames=("state",))

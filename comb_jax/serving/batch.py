@@ -74,7 +74,8 @@ def _turn(i: int, m: dict) -> dict:
 
 
 def prompt_ids(codec, question, messages, inline_chunks: list[str] | None) -> list[int]:
-    """Chat prompt ids. `inline_chunks` (mode full): the chunks go into the (last) user turn, as in training."""
+    """Chat prompt ids. `inline_chunks` (modes full, prefix): the chunks go into the (last) user turn, as in
+    training."""
     if messages is None:
         return codec.prompt_ids(question if inline_chunks is None else inline_context(inline_chunks, question))
     return codec.messages_ids(messages, inline_chunks)
@@ -112,7 +113,7 @@ def parse_request(obj, line_no: int, codec, mode: str, max_new_tokens: int = 1 <
                    else 0.0)
     top_p = number_field("top_p", obj["top_p"], 0.0, 1.0, lo_open=True) if "top_p" in obj else 1.0
     try:
-        if mode == "full":
+        if mode in ("full", "prefix"):  # the baselines read the chunks as prompt text
             ids, chunk_token_ids = prompt_ids(codec, question, messages, chunks), []
         else:
             ids = prompt_ids(codec, question, messages, None)
@@ -272,6 +273,9 @@ def summarize(results: list[Result], total: int, elapsed: float, engine: Engine)
         "hit_rate": round(stats.hits / looked_up, 4) if looked_up else None,
         "pool_pages_used": engine.pool.used_pages, "pool_pages": engine.pool.num_pages,
         "pool_occupancy": round(engine.pool.used_pages / engine.pool.num_pages, 4),
+        # mode prefix: hits and misses above are whole prompt pages; this is per prompt token
+        "prefix_token_hit_rate": (round(engine.prefix.stats.reused_tokens / engine.prefix.stats.prompt_tokens, 4)
+                                  if engine.prefix is not None and engine.prefix.stats.prompt_tokens else None),
     }
 
 

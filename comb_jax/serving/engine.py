@@ -18,6 +18,9 @@ The pool's hit and miss counters count each served request once (not a deferred 
 
 mode="full" is the no-PIC baseline: the caller inlines the chunks into the prompt (`Request.chunk_ids`
 empty), and the prompt buckets grow by the context buckets so the whole prompt is prefilled by the decoder.
+mode="prefix" takes the same prompts and buckets, and reuses the backbone's own KV of each prompt's longest
+cached prefix (whole pages, `serving.prefix`: the pool holds N-layer backbone KV pages instead of PICaches);
+`Result.chunk_hits` / `chunk_misses` count its reused / prefilled whole pages.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import Config, MeshConfig
+from comb_jax.methods.naive import backbone_chunks
 from comb_jax.model.buckets import bucket_for
-from comb_jax.model.decode import decode_loop, prefill
+from comb_jax.model.decode import decode_loop, prefill, start_state
 from comb_jax.model.layout import model_layout
 from comb_jax.model.sharding import make_mesh, shard_params
 from comb_jax.model.transformer import PICache, cross_context
@@ -46,6 +50,7 @@ from comb_jax.serving.pool import (
     gather_context,
     write_chunks,
 )
+from comb_jax.serving.prefix import PrefixCache, PrefixStats
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Result:
     chunk_hits: int = 0
     chunk_misses: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # mode prefix: prompt tokens whose KV came from the prefix cache
 
 
 @partial(jax.jit, static_argnames=("cfg", "slots", "max_new_tokens", "stop_ids", "dtype"))
@@ -95,8 +101,8 @@ class Engine:
 
     def __init__(self, cfg: Config, params, *, stop_ids=(), tokenizer_id: str = "raw-ids", mode: str = "comb",
                  mesh=None, bos_id: int | None = None):
-        if mode not in ("comb", "full"):
-            raise ValueError(f"mode must be 'comb' or 'full', got {mode!r}")
+        if mode not in ("comb", "full", "prefix"):
+            raise ValueError(f"mode must be 'comb', 'full' or 'prefix', got {mode!r}")
         if cfg.model.context_bos and bos_id is None and mode == "comb":
             raise ValueError("model.context_bos=true needs the tokenizer's BOS id (Engine(bos_id=...))")
         self.cfg, self.serve, self.mode, self.bos_id = cfg, cfg.serve, mode, bos_id
@@ -106,15 +112,20 @@ class Engine:
         self.stop_ids = tuple(int(i) for i in stop_ids)
         encoder_embed = params["backbone"].get("encoder_embed", params["backbone"]["embed"])
         fp = fingerprint(params["comb"]["encoder"], encoder_embed, tokenizer_id)
-        self.pool = PagePool(cfg.model, cfg.serve, fp, self.mesh, self.dtype)
+        if mode == "prefix":  # pages of the backbone's own KV, as the naive chunk caches' pool holds
+            self.pool = PagePool(cfg.model, cfg.serve, fp, self.mesh, self.dtype, layers=cfg.model.num_layers,
+                                 processor=backbone_chunks)
+        else:
+            self.pool = PagePool(cfg.model, cfg.serve, fp, self.mesh, self.dtype)
         s = self.serve
         self.context_buckets = tuple(sorted(b for b in s.context_buckets if b % s.page_tokens == 0))
         if len(self.context_buckets) != len(s.context_buckets):
             raise ValueError(f"context buckets {s.context_buckets} must be multiples of page_tokens={s.page_tokens}")
         self.prompt_buckets = tuple(sorted(s.prompt_buckets))
-        if mode == "full":  # the chunks are inside the prompt
+        if mode in ("full", "prefix"):  # the chunks are inside the prompt
             top = max(s.prompt_buckets)
             self.prompt_buckets = tuple(sorted(set(s.prompt_buckets) | {c + top for c in self.context_buckets}))
+        self.prefix = PrefixCache(self.pool, self.prompt_buckets) if mode == "prefix" else None
         self.rng = jax.random.key(s.seed)
 
     @classmethod
@@ -146,8 +157,8 @@ class Engine:
             raise RequestError(f"max_tokens={r.max_tokens} outside [0, serve.max_new_tokens={s.max_new_tokens}]")
         if not 0 <= r.temperature < float("inf") or not 0 < r.top_p <= 1:
             raise RequestError(f"temperature={r.temperature} must be finite and >= 0 and top_p={r.top_p} in (0, 1]")
-        if self.mode == "full" and r.chunk_ids:
-            raise RequestError("mode 'full' takes the chunks inlined in the prompt, not as chunk_ids")
+        if self.mode in ("full", "prefix") and r.chunk_ids:
+            raise RequestError(f"mode {self.mode!r} takes the chunks inlined in the prompt, not as chunk_ids")
         vocab = self.cfg.model.vocab_size
         entries = self.context_entries(r)
         for ids in [r.prompt_ids, *entries]:
@@ -242,12 +253,14 @@ class Engine:
             finally:
                 for got in held:
                     self._release([e for e, _ in got])
-            for r in batch:  # served: now its lookups count
+            for r in batch:  # served: now its lookups (mode prefix: its pages) count
                 self.pool.record(results[r.id].chunk_hits, results[r.id].chunk_misses)
             finish([results[r.id] for r in batch])
         return [results[r.id] for r in requests]
 
     def _run_batch(self, batch: list[Request], entries: list[list], results: dict, start: float):
+        if self.mode == "prefix":  # no entries: each prompt reads its longest cached prefix
+            return self._run_prefix_batch(batch, results, start)
         s = self.serve
         b = s.max_batch
         misses = {id(e): e for row in entries for e in row if not e.written}
@@ -280,6 +293,10 @@ class Engine:
             state = prefill(self.params, prompt, lengths, None, key, temperature, top_p, **prefill_static)
         state.last_token.block_until_ready()
         ttft = time.perf_counter() - start
+        self._decode(batch, state, ctx, max_tokens, temperature, top_p, results, ttft)
+
+    def _decode(self, batch, state, ctx, max_tokens, temperature, top_p, results: dict, ttft: float):
+        static = dict(cfg=self.cfg.model, stop_ids=self.stop_ids, dtype=self.dtype)
         state = decode_loop(self.params, state, ctx, max_tokens, temperature, top_p, **static)
         tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
         for row, r in enumerate(batch):
@@ -289,11 +306,40 @@ class Engine:
             res = results[r.id]
             res.tokens, res.ttft_s = out, ttft
 
+    @property
+    def prefix_slots(self) -> int:
+        """KV slots of a prefix-mode row: the largest prompt and its answer (one decode loop shape)."""
+        return max(self.prompt_buckets) + self.serve.max_new_tokens
+
+    def _run_prefix_batch(self, batch: list[Request], results: dict, start: float):
+        """Mode prefix: `PrefixCache.prefill` (each row its own PRNG stream, split from the engine's), then the
+        decode loop. Each row's page hits and misses go to its Result (`run` counts them once served)."""
+        s, b = self.serve, self.serve.max_batch
+        max_tokens = np.zeros((b,), np.int32)
+        temperature = np.zeros((b,), np.float32)
+        top_p = np.ones((b,), np.float32)
+        for row, r in enumerate(batch):
+            max_tokens[row] = r.max_tokens or s.max_new_tokens
+            temperature[row], top_p[row] = r.temperature, r.top_p
+        self.rng, key, rows = jax.random.split(self.rng, 3)
+        (kv, _, first, _), plans = self.prefix.prefill(
+            self.params, [r.prompt_ids for r in batch], jax.random.key_data(jax.random.split(rows, b)), temperature,
+            top_p, slots=self.prefix_slots, cfg=self.cfg.model, dtype=self.dtype)
+        first.block_until_ready()
+        ttft = time.perf_counter() - start
+        for r, plan in zip(batch, plans):
+            res = results[r.id]
+            res.chunk_hits, res.chunk_misses, res.cached_tokens = plan.hits, plan.misses, plan.reused_tokens
+        state = start_state(kv, first, key, max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids)
+        self._decode(batch, state, None, max_tokens, temperature, top_p, results, ttft)
+
     # -- warm-up ------------------------------------------------------------------------------------------
 
     def warmup(self):
         """Compile every bucket: chunk processor per chunk bucket, prefill + decode per prompt x context bucket."""
         s, b = self.serve, self.serve.max_batch
+        if self.mode == "prefix":
+            return self._warmup_prefix()
         if self.mode == "comb":
             for length in s.chunk_buckets:
                 tokens = np.zeros((s.encode_batch, length), np.int32)
@@ -310,3 +356,13 @@ class Engine:
                     entries[0] = [Entry((0,) * c, [0] * (c // s.page_tokens), written=True)]
                 requests[0].prompt_ids = [0] * t
                 self._run_batch(requests, entries, {r.id: Result(r.id) for r in requests}, time.perf_counter())
+
+    def _warmup_prefix(self):
+        """Mode prefix: the prefill per prompt x reused-page bucket, then one short batch for the decode loop."""
+        b = self.serve.max_batch
+        self.prefix.warmup(self.params, jax.random.key_data(jax.random.split(jax.random.key(0), b)),
+                           np.zeros((b,), np.float32), np.ones((b,), np.float32), slots=self.prefix_slots,
+                           cfg=self.cfg.model, dtype=self.dtype)
+        requests = [Request("warmup", [0], max_tokens=1)]  # shorter than a page: nothing is cached
+        self._run_prefix_batch(requests, {"warmup": Result("warmup")}, time.perf_counter())
+        self.prefix.stats = PrefixStats()

@@ -27,6 +27,19 @@ class ServerMetrics:
                                               "Document tokens served from a PICache tier", registry=r)
         self.picache_hits = Counter("comb_picache_hits", "PICache lookups served, by tier", ["tier"], registry=r)
         self.picache_misses = Counter("comb_picache_misses", "PICache lookups that had to encode", registry=r)
+        # mode prefix: whole prompt pages read from the prefix cache / prefilled, and the prompt tokens behind them
+        self.prefix_page_hits = Counter("comb_prefix_page_hits", "Prompt pages read from the prefix cache",
+                                        registry=r)
+        self.prefix_page_misses = Counter("comb_prefix_page_misses", "Whole prompt pages prefilled (prefix mode)",
+                                          registry=r)
+        self.prefix_prompt_tokens = Counter("comb_prefix_prompt_tokens", "Prompt tokens of prefix-mode requests",
+                                            registry=r)
+        self.prefix_cached_tokens = Counter("comb_prefix_cached_tokens",
+                                            "Prompt tokens whose KV came from the prefix cache", registry=r)
+        self.prefix_hit_rate = Gauge("comb_prefix_token_hit_rate",
+                                     "Prompt tokens read from the prefix cache / prompt tokens, since the start",
+                                     registry=r)
+        self.prefix_hit_rate.set_function(self._prefix_rate)
         self.pool_pages_in_use = Gauge("comb_pool_pages_in_use", "Device pool pages holding entries", registry=r)
         self.pool_pages = Gauge("comb_pool_pages", "Device pool pages in all", registry=r)
         self.host_entries = Gauge("comb_host_tier_entries", "PICache entries in host memory", registry=r)
@@ -40,6 +53,7 @@ class ServerMetrics:
         self.window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
+        self._prefix_tokens = [0, 0]  # prompt, cached (for the hit rate gauge)
         self.tokens_per_second.set_function(self._rate)
 
     def tokens(self, n: int):
@@ -49,6 +63,21 @@ class ServerMetrics:
         self.generated_tokens.inc(n)
         with self._lock:
             self._recent.append((time.monotonic(), n))
+
+    def prefix_prompt(self, tokens: int, cached_tokens: int, page_hits: int, page_misses: int):
+        """Count one prefix-mode prompt (called by the scheduler when it is admitted)."""
+        self.prefix_page_hits.inc(page_hits)
+        self.prefix_page_misses.inc(page_misses)
+        self.prefix_prompt_tokens.inc(tokens)
+        self.prefix_cached_tokens.inc(cached_tokens)
+        with self._lock:
+            self._prefix_tokens[0] += tokens
+            self._prefix_tokens[1] += cached_tokens
+
+    def _prefix_rate(self) -> float:
+        with self._lock:
+            prompt, cached = self._prefix_tokens
+        return cached / prompt if prompt else 0.0
 
     def _rate(self) -> float:
         now = time.monotonic()

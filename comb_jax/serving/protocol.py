@@ -56,12 +56,12 @@ class Document:
 
 @dataclass
 class Generation:
-    """A parsed generation request. prompt_ids: the (chat-templated) prompt, with the documents inlined in mode
-    full; documents: the chunks to read as PICaches (empty in mode full)."""
+    """A parsed generation request. prompt_ids: the (chat-templated) prompt, with the documents inlined in modes
+    full and prefix; documents: the chunks to read as PICaches (empty in those modes)."""
 
     prompt_ids: list[int]
     documents: list[Document] = field(default_factory=list)
-    inline_document_tokens: int = 0  # mode full: document tokens inside the prompt
+    inline_document_tokens: int = 0  # modes full, prefix: document tokens inside the prompt
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -328,7 +328,7 @@ def parse_chat(body, ctx: ParseContext) -> Generation:
     turns = _http(check_turns, body.get("messages"), turn)
     docs = parse_documents(body.get("documents"), ctx)
     inline = None
-    if ctx.mode == "full" and docs:  # the baseline reads the documents as prompt text
+    if ctx.mode in ("full", "prefix") and docs:  # the baselines read the documents as prompt text
         inline = _document_texts(docs, ctx.codec)
         gen.inline_document_tokens = sum(len(d.ids) for d in docs)
         docs = []
@@ -353,7 +353,7 @@ def parse_completion(body, ctx: ParseContext) -> Generation:
     if not isinstance(prompt, str) or not prompt:
         raise bad("prompt", f"'prompt' must be a non-empty string, got {json_kind(prompt)}")
     docs = parse_documents(body.get("documents"), ctx)
-    if ctx.mode == "full" and docs:
+    if ctx.mode in ("full", "prefix") and docs:
         prompt = "\n\n".join(_document_texts(docs, ctx.codec)) + "\n\n" + prompt
         gen.inline_document_tokens = sum(len(d.ids) for d in docs)
         docs = []

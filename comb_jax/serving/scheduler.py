@@ -11,6 +11,10 @@ One loop, one thread (every JAX call happens here, so the pool's donated buffers
    streams its new text, and leaves at once when done (its pages are released).
 Shapes never change after `warmup()`: prompts and contexts are bucketed as in the batch engine, the slot state
 is fixed, and page moves between tiers use fixed page counts (see `store.read_entry`).
+
+Mode prefix (`serving.prefix`) goes through the same batched admission with no documents: step 2's prefill is
+`PrefixCache.prefill`, which reads each prompt's longest cached prefix (backbone KV pages), prefills the rest in
+one bucketed call and caches the new whole pages; no pages stay held while a request decodes.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class Job:
     tiers: list[str | None] = field(default_factory=list)  # per entry: the tier it came from, None: encoded
     first_token_at: float | None = None
     full_since: float | None = None
+    cached_prompt_tokens: int = 0  # mode prefix: prompt tokens read from the prefix cache
 
     def cancel(self):
         self.cancelled = True
@@ -580,6 +585,21 @@ class Scheduler:
         return prefill_rows(e.params, self.pool.k, self.pool.v, table, mask, prompt, lengths, key_data, temp, top,
                             **static)
 
+    def _prefill_prefix(self, jobs: list[Job], seeds, temperature, top_p):
+        """Mode prefix: `PrefixCache.prefill` on a batch bucket; counts each prompt's reused and prefilled pages."""
+        e, n = self.engine, len(jobs)
+        b = bucket_for(n, self.admit_buckets, error=RequestError)
+        pad = lambda xs, fill, dtype: np.array(list(xs) + [fill] * (b - n), dtype)  # noqa: E731
+        out, plans = e.prefix.prefill(e.params, [job.gen.prompt_ids for job in jobs],
+                                      request_key_data(pad(seeds, 0, np.uint32)), pad(temperature, 0.0, np.float32),
+                                      pad(top_p, 1.0, np.float32), slots=self.kv_slots, cfg=self.model_cfg,
+                                      dtype=e.dtype)
+        for job, plan in zip(jobs, plans):
+            job.cached_prompt_tokens = plan.reused_tokens
+            self.metrics.prefix_prompt(plan.length, plan.reused_tokens, plan.hits, plan.misses)
+            self.pool.record(plan.hits, plan.misses)
+        return out
+
     def _insert(self, slot_ids: list[int], out, temperature, top_p):
         kv, ctx, first, key_data = out
         b = first.shape[0]
@@ -591,8 +611,11 @@ class Scheduler:
     def _prefill_into(self, jobs: list[Job], slot_ids: list[int]):
         gens = [job.gen for job in jobs]
         temps, tops = [g.temperature for g in gens], [g.top_p for g in gens]
-        out = self._prefill([g.prompt_ids for g in gens], [job.held for job in jobs], [self._seed(g) for g in gens],
-                            temps, tops)
+        if self.engine.mode == "prefix":
+            out = self._prefill_prefix(jobs, [self._seed(g) for g in gens], temps, tops)
+        else:
+            out = self._prefill([g.prompt_ids for g in gens], [job.held for job in jobs],
+                                [self._seed(g) for g in gens], temps, tops)
         first = np.asarray(self._insert(slot_ids, out, temps, tops))
         self.admissions.append(len(jobs))
         now = time.perf_counter()
@@ -667,7 +690,8 @@ class Scheduler:
         self.metrics.cached_document_tokens.inc(cached)
         prompt = len(gen.prompt_ids)
         return {"prompt_tokens": prompt, "completion_tokens": len(job.tokens),
-                "total_tokens": prompt + len(job.tokens), "document_tokens": documents,
+                "total_tokens": prompt + len(job.tokens),
+                "prompt_tokens_details": {"cached_tokens": job.cached_prompt_tokens}, "document_tokens": documents,
                 "cached_document_tokens": cached,
                 "document_hits": {t: sum(x == t for x in job.tiers) for t in TIERS},
                 "document_misses": sum(x is None for x in job.tiers)}
@@ -678,6 +702,8 @@ class Scheduler:
         """Compile every shape the loop uses: the chunk processor per chunk bucket, the tier page moves, the
         prefill per prompt x context bucket, `insert` per context bucket, and the decode step."""
         e, s, pool = self.engine, self.engine.serve, self.pool
+        if e.mode == "prefix":
+            return self._warmup_prefix()
         if e.mode == "comb":
             for length in s.chunk_buckets:
                 tokens = np.zeros((s.encode_batch, length), np.int32)
@@ -696,6 +722,17 @@ class Scheduler:
                     fake = [Entry((0,) * c, [0] * (c // s.page_tokens), written=True)] if c else []  # masked page 0
                     out = self._prefill([[0] * t] * b, [fake] * b, [np.uint32(0)] * b, [0.0] * b, [1.0] * b)
                     self._insert([], out, [], [])  # every row dropped: the slots keep their state
+        self.state, nxt = decode_step(e.params, self.state, np.zeros(self.slots, bool), cfg=self.model_cfg,
+                                      dtype=e.dtype)
+        np.asarray(nxt)
+
+    def _warmup_prefix(self):
+        """Mode prefix: `PrefixCache.prefill` per batch x prompt x reused-page bucket, `insert`, the decode step."""
+        e = self.engine
+        for b in self.admit_buckets:
+            out = e.prefix.warmup(e.params, request_key_data(np.zeros((b,), np.uint32)), np.zeros((b,), np.float32),
+                                  np.ones((b,), np.float32), slots=self.kv_slots, cfg=self.model_cfg, dtype=e.dtype)
+            self._insert([], out, [], [])  # every row dropped: the slots keep their state
         self.state, nxt = decode_step(e.params, self.state, np.zeros(self.slots, bool), cfg=self.model_cfg,
                                       dtype=e.dtype)
         np.asarray(nxt)
