@@ -22,7 +22,7 @@ def server_config(extra=()):
 class RunningServer:
     """A started, warmed-up server; `.url`, `.client` (openai), `.scheduler`; `stop()` ends it."""
 
-    def __init__(self, params, store_dir=None, overrides=(), **kwargs):
+    def __init__(self, params, store_dir=None, overrides=(), ready_timeout_s: float = 300, **kwargs):
         import openai
 
         self.cfg = server_config(overrides)
@@ -30,7 +30,7 @@ class RunningServer:
         app, self.scheduler = build_server(self.cfg, params, self.codec, store_dir=store_dir, **kwargs)
         self.thread = ServerThread(app).start()
         self.url = self.thread.url
-        wait_ready(self.url, timeout_s=300)
+        wait_ready(self.url, timeout_s=ready_timeout_s)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     def chat(self, question: str, documents=(), max_tokens: int = 8, **kwargs):

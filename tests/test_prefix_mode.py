@@ -2,6 +2,8 @@
 equal full prefill token for token: cold, again (a full hit but the last partial page), a shared first document
 (a partial hit), the documents reordered (a miss after the shared head), and under eviction from a small pool."""
 
+import threading
+import time
 from functools import partial
 
 import jax
@@ -118,3 +120,80 @@ def test_eviction_under_a_small_pool_keeps_answers(cfg, tiny_params, full_answer
         res = tiny.run([Request(name, prompt, max_tokens=6)])[0]
         assert res.tokens == full_answers[name], name
     assert res.chunk_hits == 2  # the two pages that fitted
+
+
+# -- the HTTP server (scheduler) in mode prefix ---------------------------------------------------------------
+
+HTTP_DOCS = ["Mira keeps her bike in a shed.", "The library closes at six pm.", "Jonas sells rye bread Tuesdays."]
+# one admission bucket of 2 and prompts up to 64 + 64 tokens keep the warm-up's compiles down (12 prefill shapes)
+HTTP_OVERRIDES = ["serve.max_batch=2", "serve.context_buckets=(64,)", "serve.max_context_tokens=64"]
+HTTP_CHATS = [  # (question, documents): cold, again, a shared first document, reordered
+    ("Where is the bike?", HTTP_DOCS[:2]),
+    ("Where is the bike?", HTTP_DOCS[:2]),
+    ("Where is the bike?", [HTTP_DOCS[0], HTTP_DOCS[2]]),
+    ("Where is the bike?", [HTTP_DOCS[1], HTTP_DOCS[0]]),
+]
+
+
+def test_http_prefix_mode_equals_full_batches_admission_and_compiles_nothing(tiny_params):
+    from server_helpers import RunningServer
+    from test_server import metrics
+
+    from comb_jax.model.compiles import compile_count
+
+    srv = RunningServer(tiny_params, overrides=HTTP_OVERRIDES, ready_timeout_s=1200, mode="prefix")
+    try:
+        codec = srv.codec
+        full = Engine(srv.cfg, tiny_params, stop_ids=codec.stop_ids, tokenizer_id=codec.name, mode="full")
+        prompts = [codec.messages_ids([{"role": "user", "content": q}], docs) for q, docs in HTTP_CHATS]
+        want = [codec.decode(r.tokens) for r in full.run([Request(f"r{i}", p, max_tokens=8)
+                                                          for i, p in enumerate(prompts)])]
+        assert max(map(len, prompts)) <= 128
+        pt, before = srv.cfg.serve.page_tokens, compile_count()
+        cached = []
+        for (q, docs), prompt, answer in zip(HTTP_CHATS, prompts, want):
+            r = srv.chat(q, docs, max_tokens=8)
+            assert r.choices[0].message.content == answer, (q, docs)
+            usage = r.usage.model_dump()
+            assert usage["prompt_tokens"] == len(prompt) and usage["document_tokens"] > 0
+            cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+        assert cached[0] == 0 and cached[1] == (len(prompts[1]) - 1) // pt * pt
+        shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[2])) if a != b)
+        assert cached[2] == shared // pt * pt > 0
+        head = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[3])) if a != b)  # the template's head
+        assert cached[3] == head // pt * pt < cached[2]
+
+        # waiting requests are admitted in one prefill call, and answer as alone
+        sched = srv.scheduler
+        hold, held = threading.Event(), threading.Event()
+        sched.call(lambda: (held.set(), hold.wait(30)))
+        assert held.wait(30)
+        admitted = len(sched.admissions)
+        together = [None, None]
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, srv.chat(*HTTP_CHATS[i + 2],
+                                                                                        max_tokens=8)))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(sched.waiting) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        hold.set()
+        for t in threads:
+            t.join()
+        assert sched.admissions[admitted:] == [2]
+        assert [r.choices[0].message.content for r in together] == want[2:]
+        assert compile_count() == before
+
+        m = metrics(srv)
+        assert m["comb_prefix_cached_tokens_total"][()] == sum(cached) + sum(
+            r.usage.model_dump()["prompt_tokens_details"]["cached_tokens"] for r in together)
+        assert m["comb_prefix_prompt_tokens_total"][()] == sum(map(len, prompts)) + len(prompts[2]) + len(prompts[3])
+        rate = m["comb_prefix_token_hit_rate"][()]
+        assert rate == pytest.approx(m["comb_prefix_cached_tokens_total"][()]
+                                     / m["comb_prefix_prompt_tokens_total"][()])
+        assert m["comb_prefix_page_hits_total"][()] == m["comb_prefix_cached_tokens_total"][()] / pt
+        assert m["comb_prefix_page_misses_total"][()] > 0 and m["comb_pool_pages_in_use"][()] > 0
+    finally:
+        srv.stop()
+

@@ -732,7 +732,10 @@ class Scheduler:
         for b in self.admit_buckets:
             out = e.prefix.warmup(e.params, request_key_data(np.zeros((b,), np.uint32)), np.zeros((b,), np.float32),
                                   np.ones((b,), np.float32), slots=self.kv_slots, cfg=self.model_cfg, dtype=e.dtype)
-            self._insert([], out, [], [])  # every row dropped: the slots keep their state
+            # every row dropped: the slots keep their state. Twice: the first call may see the state as
+            # `init_slots` made it, every later one sees it as a jit returns it (another input type)
+            for _ in range(2):
+                self._insert([], out, [], [])
         self.state, nxt = decode_step(e.params, self.state, np.zeros(self.slots, bool), cfg=self.model_cfg,
                                       dtype=e.dtype)
         np.asarray(nxt)
