@@ -118,7 +118,7 @@ def test_two_processes_resume_like_uninterrupted(two_processes, resumed):
     lines = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     # every process's iterator state is in the checkpoint (the same one: the global batch index)
-    [data] = (tmp / "run" / "checkpoints" / "2" / "data").glob("*.json")
+    data = tmp / "run" / "checkpoints" / "2" / "data" / "metadata"  # Orbax's JsonSave file
     assert json.loads(data.read_text()) == {"per_process": [{"next_index": 2}] * 2}
 
 
