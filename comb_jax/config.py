@@ -98,11 +98,19 @@ class WeightsConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh shape. -1 on one axis takes the remaining devices."""
+    """Device mesh shape. -1 on one axis takes the remaining devices.
+
+    Several slices (TPU multislice; `dcn_*` > 1 on a GPU cluster makes each host one): `data`, `fsdp` and `tensor`
+    shape the mesh inside a slice (ICI) and `dcn_data` x `dcn_fsdp` arrange the slices (DCN, the slower network
+    between them); the mesh's data axis is data x dcn_data, its fsdp axis fsdp x dcn_fsdp. The tensor axis never
+    crosses slices. With several TPU slices and both dcn_* 1, the slices split the data axis.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
 
 @dataclass(frozen=True)
@@ -333,6 +341,7 @@ RULES = {
     "mesh.data": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
     "mesh.fsdp": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
     "mesh.tensor": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
+    "mesh.dcn_data": _at_least_1, "mesh.dcn_fsdp": _at_least_1,
     "train.init": _one_of("random", "warm", "pointer", "grow"), "train.learning_rate": _non_negative,
     "train.weight_decay": _non_negative, "train.warmup_steps": _non_negative,
     "train.schedule": _one_of("constant", "cosine"), "train.grad_clip": _positive,

@@ -7,12 +7,14 @@ these it does nothing: a one-process run is unchanged. It must run before anythi
 
 `is_primary()` names the one process that writes host files (metrics, progress bars, caches, exports);
 `barrier(name)` waits for every process; `broadcast(value)` hands the primary's value to all of them;
-`allgather(array)` stacks one small host array per process.
+`allgather(array)` stacks one small host array per process; `allgather_json(value)` lists one JSON value per process.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -43,7 +45,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         process_id = int(os.environ["JAX_PROCESS_ID"])
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and None in explicit:
-        raise ValueError("multi-process training needs all of --coordinator HOST:PORT, --num-processes N and "
+        raise ValueError("a multi-process run needs all of --coordinator HOST:PORT, --num-processes N and "
                          f"--process-id I (got {coordinator!r}, {num_processes!r}, {process_id!r})")
     if num_processes == 1 or (coordinator is None and not _detected()):
         return False
@@ -53,6 +55,26 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                initialization_timeout=timeout_s)
     return True
+
+
+def add_arguments(parser) -> None:
+    """The multi-host flags, the same in every command line (train.py, python -m comb_jax.eval / .export)."""
+    pod = parser.add_argument_group("multi-host (run the same command on every host; TPU pods, SLURM and the "
+                                    "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables are "
+                                    "detected without flags)")
+    pod.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same on every host")
+    pod.add_argument("--num-processes", type=int, metavar="N", help="how many processes (hosts) take part")
+    pod.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+
+
+def initialize_from(args, prog: str) -> bool:
+    """`initialize` with the flags of `add_arguments`; an inconsistent set is a usage error: one line
+    (`PROG: error: ...`) and exit status 2, as the command lines report theirs."""
+    try:
+        return initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
 
 
 def process_count() -> int:
@@ -89,4 +111,16 @@ def allgather(value) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(value))
 
 
-__all__ = ["initialize", "process_count", "process_index", "is_primary", "barrier", "broadcast", "allgather"]
+def allgather_json(value) -> list:
+    """Every process's JSON-able `value` (e.g. a data iterator state), in process order."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
+    sizes = allgather(np.asarray(len(data), np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(data)] = data
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(allgather(padded), sizes.tolist())]
+
+
+__all__ = ["add_arguments", "initialize", "initialize_from", "process_count", "process_index", "is_primary",
+           "barrier", "broadcast", "allgather", "allgather_json"]

@@ -2,7 +2,8 @@
 
 `python tests/multihost_worker.py '{"process_id": I, "num_processes": N, "port": P, "run_dir": ..., "out": ...,
 "overrides": [...], "resume": false, "stop_after": null}'`: trains tiny_comb on the toy examples and, on the
-primary, writes the losses and the trainable parameters (gathered from every process) to `out`.
+primary, writes the losses and the trainable parameters (gathered from every process) to `out`. Every process
+writes `out.process{I}.json`: the step it started from and the example indices its rows of the first epoch hold.
 """
 
 import json
@@ -15,8 +16,11 @@ from train_helpers import checkpointed_run_cfg, toy_examples
 
 from comb_jax import distributed
 from comb_jax.config import apply_overrides, load_config
+from comb_jax.model.sharding import make_mesh
 from comb_jax.training import trainer
-from comb_jax.training.data import Example
+from comb_jax.training.data import Example, batch_indices
+
+NUM_EXAMPLES = 16
 
 
 def examples(n: int) -> list[Example]:
@@ -36,7 +40,13 @@ def main(args: dict) -> None:
     cfg = apply_overrides(cfg, ["mesh.data=-1", "train.max_chunk_tokens=64", "train.chunk_buckets=(32,64)",
                                 *args.get("overrides", [])])
     summary = trainer.train(cfg, resume=args.get("resume", False), progress=False, stop_after=args.get("stop_after"),
-                            examples=(examples(16), examples(4)))
+                            examples=(examples(NUM_EXAMPLES), examples(4)))
+    tc = cfg.train
+    rows = trainer.process_rows(make_mesh(cfg.mesh), tc.batch_size)
+    epoch = batch_indices(NUM_EXAMPLES, tc, tc.seed, rows)
+    with open(f"{args['out']}.process{jax.process_index()}.json", "w") as f:
+        json.dump({"start_step": summary["start_step"], "rows": [rows.start, rows.stop],
+                   "epoch_indices": [epoch[i].tolist() for i in range(NUM_EXAMPLES // tc.batch_size)]}, f)
     comb = summary["state"].comb
     comb = (multihost_utils.process_allgather(comb, tiled=True) if jax.process_count() > 1
             else jax.device_get(comb))

@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from comb_jax import distributed
 from comb_jax.config import load_config
 from comb_jax.errors import Parser
 from comb_jax.text.tokenizer import load_tokenizer
@@ -40,7 +41,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (e.g. 2GB, 500MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
+    distributed.add_arguments(parser)
     args = parser.parse_args(argv)
+    distributed.initialize_from(args, parser.prog)  # first: before anything touches a device
+    if not distributed.is_primary():  # a host program: the primary writes the export, the others wait for it
+        distributed.barrier("comb_jax.export.done")
+        return {}
+    try:
+        return _export(args)
+    finally:
+        distributed.barrier("comb_jax.export.done")
+
+
+def _export(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parse_size(args.max_shard_size)  # fail before loading weights
     check_output_dir(Path(args.out).absolute(), args.overwrite)

@@ -1,7 +1,8 @@
 """Train Comb: `python train.py --config NAME [key=value ...] [--resume] [--dry-run]`.
 
 --dry-run lowers and compiles the train step with abstract arrays on a simulated 8-device CPU mesh (no
-weights are loaded) and prints parameter counts and XLA's per-device memory. The logic lives in
+weights are loaded) and prints parameter counts and XLA's per-device memory; with the multi-host flags, each of
+the processes simulates --devices devices and they compile the step for the mesh over all of them. The logic lives in
 comb_jax.training.trainer. A usage error (unknown config or key, bad value, missing path, corrupt checkpoints) prints
 one line and exits with status 2; a diverged run exits with status 1.
 """
@@ -14,7 +15,7 @@ import sys
 
 from comb_jax import distributed
 from comb_jax.config import load_config
-from comb_jax.errors import Parser, UsageError
+from comb_jax.errors import Parser
 from comb_jax.eval.in_training import make_evaluator
 from comb_jax.training import trainer
 
@@ -26,12 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
     parser.add_argument("--dry-run", action="store_true", help="compile the train step abstractly and exit")
     parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices for --dry-run")
-    pod = parser.add_argument_group("multi-host (run the same command on every host; TPU pods, SLURM and the "
-                                    "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables are "
-                                    "detected without flags)")
-    pod.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same on every host")
-    pod.add_argument("--num-processes", type=int, metavar="N", help="how many processes (hosts) take part")
-    pod.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+    distributed.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -42,14 +38,13 @@ def train(cfg, **kwargs) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # --dry-run's simulated devices were set by train.py (cli.devices) before jax loaded
-    if not args.dry_run:  # first: before anything touches a device
-        try:
-            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+    if not args.dry_run or args.coordinator:  # first: before anything touches a device
+        distributed.initialize_from(args, "train.py")  # a --dry-run joins only the processes it is told to
     cfg = load_config(args.config, args.overrides)  # a ConfigError becomes one line and status 2 (see errors.run)
     if args.dry_run:
-        print(json.dumps(trainer.dry_run(cfg), indent=2))
+        report = trainer.dry_run(cfg)
+        if distributed.is_primary():
+            print(json.dumps(report, indent=2))
         return 0
     try:
         summary = train(cfg, resume=args.resume)

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from comb_jax import distributed
 from comb_jax.config import load_config
 from comb_jax.eval import join
 from comb_jax.eval.metrics import contains_answer, qa_f1, rouge_l
@@ -487,11 +488,25 @@ def parse_args(argv=None):
                     "duplicates); one number for every mode or MODE=T,MODE=T")
     ap.add_argument("--joint-page-tokens", type=int, default=16, help="page size of the chunk-cache pools")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
+    distributed.add_arguments(ap)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+    """The harness; in a multi-process run (every host runs the same command) the primary evaluates on its own
+    devices and writes the reports, and the others wait for it."""
     args = parse_args(argv)
+    distributed.initialize_from(args, "python -m comb_jax.eval")  # first: before anything touches a device
+    if not distributed.is_primary():
+        distributed.barrier("comb_jax.eval.done")
+        return {}
+    try:
+        return _main(args, argv)
+    finally:
+        distributed.barrier("comb_jax.eval.done")
+
+
+def _main(args, argv) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]

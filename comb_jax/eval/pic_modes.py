@@ -178,7 +178,7 @@ class PicRunner:
         self.max_new_tokens, self.epic_k, self.prefix_entries = max_new_tokens, epic_k, prefix_entries
         self.joint_threshold, self.joint_page_tokens = joint_threshold, joint_page_tokens
         self.pool_tokens = pool_tokens
-        self.mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+        self.mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.local_devices()[:1])
         self.reset()
 
     def reset(self):

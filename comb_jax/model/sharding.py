@@ -11,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from comb_jax.config import MeshConfig
@@ -35,8 +36,54 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def _ici_sizes(mesh_cfg: MeshConfig, count: int) -> list[int]:
+    """(data, fsdp, tensor) over `count` devices, -1 resolved."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {mesh_cfg}")
+    if -1 in sizes:
+        if count % known:
+            raise ValueError(f"{count} devices do not divide into mesh {mesh_cfg}")
+        sizes[sizes.index(-1)] = count // known
+    return sizes
+
+
+def _slices(devices) -> int:
+    """How many TPU slices the devices span (1 where the platform has no slices)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(mesh_cfg: MeshConfig, devices) -> np.ndarray:
+    """The devices arranged as the (data, fsdp, tensor) mesh: a plain reshape in one slice, a hybrid ICI x DCN
+    mesh over several (`MeshConfig`; `jax.experimental.mesh_utils.create_hybrid_device_mesh`, by TPU slice, or by
+    process where devices have no slices)."""
+    dcn = [mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1]
+    slices = _slices(devices)
+    if math.prod(dcn) == 1 and slices > 1:  # multislice without dcn_*: the slices split the data axis
+        dcn[0] = slices
+    granules = math.prod(dcn)
+    if granules == 1:
+        sizes = _ici_sizes(mesh_cfg, len(devices))
+        if math.prod(sizes) > len(devices):
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have "
+                             f"{len(devices)}")
+        return np.array(devices[: math.prod(sizes)], dtype=object).reshape(sizes)
+    by_process = slices == 1
+    count = len({d.process_index for d in devices}) if by_process else slices
+    if count != granules:
+        raise ValueError(f"mesh dcn_data x dcn_fsdp = {dcn[0]} x {dcn[1]} needs {granules} "
+                         f"{'processes' if by_process else 'slices'}, have {count}")
+    ici = _ici_sizes(mesh_cfg, len(devices) // granules)
+    if math.prod(ici) * granules != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, ici))} x dcn {dcn} uses {math.prod(ici) * granules} of the "
+                         f"{len(devices)} devices: a hybrid mesh must use them all")
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
+
+
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: every process's devices).
+    """A (data, fsdp, tensor) mesh over `devices` (default: every process's devices); see `device_grid`.
 
     Devices are ordered by process, so the last (tensor) axis stays inside one host and each process holds a
     contiguous block of batch rows. Over several processes the mesh must use every device (it would otherwise leave
@@ -46,24 +93,15 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     if whole_system:
         devices.sort(key=lambda d: (d.process_index, d.id))
-    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
-    known = math.prod(s for s in sizes if s != -1)
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {mesh_cfg}")
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {mesh_cfg}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) > len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    grid = device_grid(mesh_cfg, devices)
+    sizes = list(grid.shape)
     if whole_system and jax.process_count() > 1:
-        if math.prod(sizes) != len(devices):
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} of the {len(devices)} "
+        if grid.size != len(devices):
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {grid.size} of the {len(devices)} "
                              f"devices of {jax.process_count()} processes: a multi-process mesh must use them all")
         if jax.local_device_count() % sizes[2]:
             raise ValueError(f"mesh tensor={sizes[2]} must divide one host's {jax.local_device_count()} devices: "
                              "the tensor axis stays inside a host")
-    grid = np.array(devices[: math.prod(sizes)]).reshape(sizes)
     return Mesh(grid, MESH_AXES)
 
 
@@ -104,5 +142,5 @@ def shard_params(params, layout, mesh: Mesh):
     return jax.device_put(params, param_shardings(layout, mesh))
 
 
-__all__ = ["Param", "RULES", "make_mesh", "partition_spec", "logical_sharding", "param_shardings", "shard_params",
-           "replicated"]
+__all__ = ["Param", "RULES", "device_grid", "make_mesh", "partition_spec", "logical_sharding", "param_shardings",
+           "shard_params", "replicated"]

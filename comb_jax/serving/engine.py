@@ -93,7 +93,7 @@ def prefill_with_pages(params, pool_k, pool_v, page_table, context_mask, prompt,
 def serving_mesh(cfg: Config):
     """Serving replicates over data and shards over the tensor axis only (the batch is small and static)."""
     tensor = max(1, cfg.mesh.tensor)
-    return make_mesh(MeshConfig(data=1, fsdp=1, tensor=tensor), jax.devices()[:tensor])
+    return make_mesh(MeshConfig(data=1, fsdp=1, tensor=tensor), jax.local_devices()[:tensor])
 
 
 class Engine:

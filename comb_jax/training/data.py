@@ -24,6 +24,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from comb_jax.errors import DataError
@@ -211,7 +212,7 @@ def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_pa
 
     The cache file's first line holds the provenance; a file with other provenance is regenerated.
     """
-    cache_path = Path(cache_path)
+    cache_path = epath.Path(cache_path)  # local, or in the run dir's bucket (gs://...)
     provenance = teacher_provenance(cfg, codec, backbone_fingerprint(params["backbone"]), examples)
     if cache_path.is_file():
         lines = cache_path.read_text().splitlines()
@@ -322,25 +323,40 @@ def _teacher_arrays(features: list[dict], td: int, tc) -> dict[str, np.ndarray]:
     return {"teacher_tokens": teacher_tokens, "teacher_index": teacher_index}
 
 
-def _collate_rows(examples: list[Example], rows: slice, codec: Codec, tc) -> dict[str, np.ndarray]:
-    return collate([tokenize(e, codec, tc) for e in examples[rows]], tc)
+def batch_indices(num_examples: int, tc, seed: int, rows: slice | None = None):
+    """grain MapDataset: element i is the example indices of `rows` of global batch i (all rows when None).
+
+    The global order is one seeded shuffle of the examples per epoch (reshuffled each epoch), repeated forever and
+    cut into batches of `tc.batch_size`; it is the same on every process, and a process keeps only its `rows` of
+    each batch (the block its devices hold, `trainer.process_rows`). So over an epoch the processes' indices are
+    disjoint and together cover every example once, and nothing but an integer permutation is computed for the
+    rows a process does not hold.
+    """
+    if num_examples < tc.batch_size:
+        raise DataError(f"{num_examples} training examples cannot fill one batch of {tc.batch_size}")
+    rows = rows or slice(None)
+    return (grain.MapDataset.range(num_examples)
+            .shuffle(seed=seed)
+            .repeat(None)
+            .batch(tc.batch_size, drop_remainder=True)
+            .map(lambda indices: np.asarray(indices)[rows]))
+
+
+def _collate_indices(indices: np.ndarray, examples: list[Example], codec: Codec, tc) -> dict[str, np.ndarray]:
+    return collate([tokenize(examples[i], codec, tc) for i in indices], tc)
 
 
 def train_dataset(examples: list[Example], codec: Codec, tc, seed: int, rows: slice | None = None):
     """grain MapDataset of batches: shuffled by `seed` (a new order each epoch), repeated forever.
 
-    `rows` (a multi-process run) keeps only those rows of each global batch: a process tokenizes only the rows its
-    devices hold. Every process walks the same global order, so the global batch equals the one-process batch row
-    for row and one iterator state (the same on every process) resumes them all. Shapes are this process's own
-    buckets; `pad_to` brings them to the buckets agreed across processes.
+    `rows` (a multi-process run) keeps only those rows of each global batch (`batch_indices`): a process reads and
+    tokenizes only the examples its devices hold. Every process walks the same global order, so the global batch
+    equals the one-process batch row for row and the iterator state (the global batch index, the same on every
+    process and for any process count) resumes them all. Shapes are this process's own buckets; `pad_to` brings
+    them to the buckets agreed across processes.
     """
-    if len(examples) < tc.batch_size:
-        raise DataError(f"{len(examples)} training examples cannot fill one batch of {tc.batch_size}")
-    return (grain.MapDataset.source(examples)
-            .shuffle(seed=seed)
-            .repeat(None)
-            .batch(tc.batch_size, drop_remainder=True, batch_fn=list)
-            .map(partial(_collate_rows, rows=rows or slice(None), codec=codec, tc=tc)))
+    return batch_indices(len(examples), tc, seed, rows).map(
+        partial(_collate_indices, examples=examples, codec=codec, tc=tc))
 
 
 def train_iterator(examples: list[Example], codec: Codec, tc, seed: int | None = None, rows: slice | None = None):

@@ -14,13 +14,13 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from tqdm import tqdm
 
 from comb_jax import distributed
@@ -230,6 +230,15 @@ def global_batch(local: dict, mesh, batch_size: int) -> tuple[dict, int]:
                                                       shapes[k]) for k in names}, tokens
 
 
+def agreed_latest_step(manager) -> int | None:
+    """The newest checkpoint step as the primary sees it, on every process (None: no checkpoint)."""
+    latest = manager.latest_step()
+    if jax.process_count() == 1:
+        return latest
+    latest = int(distributed.broadcast(np.asarray(-1 if latest is None else latest, np.int64)))
+    return None if latest < 0 else latest
+
+
 def init_state(cfg, mesh, optimizer, comb) -> TrainState:
     """Place `comb` (host or device arrays) on the mesh and build its optimizer state there."""
     sh = state_shardings(cfg, mesh, optimizer)
@@ -287,7 +296,7 @@ def resolve_targets(cfg) -> str:
     return t
 
 
-def prepare_examples(cfg, codec, backbone_params, run_dir: Path, progress: bool):
+def prepare_examples(cfg, codec, backbone_params, run_dir, progress: bool):
     """(train, eval) examples with their training targets (teacher answers cached in the run dir)."""
     where = data_dir(cfg.train.data_dir)
     train_ex = data_lib.load_examples(cfg.train, where, "train")
@@ -314,7 +323,7 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
         raise ValueError(f"training encodes each chunk on its own without BOS; model.context_encoding="
                          f"{cfg.model.context_encoding!r} / context_bos={cfg.model.context_bos} are for serving "
                          "imported release checkpoints")
-    run_dir = Path(tc.run_dir)
+    run_dir = epath.Path(tc.run_dir)  # local, or a URL such as gs://bucket/run (never resolved as a local path)
     primary = distributed.is_primary()  # host files (metrics, progress, caches) are written by the primary only
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -340,11 +349,12 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
 
     optimizer = make_optimizer(tc)
     manager = ckpt.make_manager(ckpt.checkpoint_root(run_dir), tc.keep_checkpoints)
-    start = manager.latest_step() if resume else None
+    latest = agreed_latest_step(manager)
+    start = latest if resume else None
     if resume and start is None and primary:
         print(f"--resume: no checkpoint in {ckpt.checkpoint_root(run_dir)}; starting from scratch")
     if start is None:
-        if not resume and manager.latest_step() is not None:
+        if not resume and latest is not None:
             raise FileExistsError(f"{ckpt.checkpoint_root(run_dir)} already has checkpoints: pass --resume to "
                                   "continue, or choose another train.run_dir")
         comb = objective.init(cfg, backbone_host, codec, jax.random.key(tc.seed))
@@ -477,7 +487,7 @@ def dry_run(cfg) -> dict:
     mem = compiled.memory_analysis()
     gib = 2.0 ** 30
     report = {
-        "config": cfg.name, "mesh": dict(mesh.shape), "devices": mesh.size,
+        "config": cfg.name, "mesh": dict(mesh.shape), "devices": mesh.size, "processes": jax.process_count(),
         "trainable_params": count_params(layout["comb"]), "backbone_params": count_params(layout["backbone"]),
         "optimizer_state_params": count_params(jax.eval_shape(optimizer.init, comb)),
         "batch": {k: list(v.shape) for k, v in batch.items()},

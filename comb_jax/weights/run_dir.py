@@ -7,11 +7,13 @@ through `restore_comb_params`. The manager's layout and retention policy are def
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from comb_jax.errors import CheckpointError
 from comb_jax.model.layout import abstract_params, check_shapes, model_layout
@@ -19,11 +21,25 @@ from comb_jax.model.layout import abstract_params, check_shapes, model_layout
 log = logging.getLogger("comb_jax.weights.run_dir")
 
 
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir).resolve() / "checkpoints"
+def is_url(path) -> bool:
+    """Whether `path` names a file system by URL (gs://bucket/run, s3://...), not a local path."""
+    return "://" in os.fspath(path)
 
 
-def make_manager(directory: str | Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A checkpoint location: a local path made absolute (Orbax wants absolute paths; users pass relative ones),
+    or a URL such as `gs://bucket/run` kept as one, read and written through etils.epath (never resolved as local).
+    """
+    if is_url(path):
+        return epath.Path(os.fspath(path))
+    return epath.Path(Path(path).resolve())
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> epath.Path:
+    return as_path(run_dir) / "checkpoints"
+
+
+def make_manager(directory: str | os.PathLike, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     """Manager over a checkpoints directory (`checkpoint_root(run_dir)` for a run)."""
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
@@ -35,7 +51,7 @@ def make_manager(directory: str | Path, keep: int, read_only: bool = False) -> o
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
                                            best_fn=lambda m: m["eval_loss"], best_mode="min",
                                            create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(Path(directory).resolve(), options=options,
+    return ocp.CheckpointManager(as_path(directory), options=options,
                                  item_names=("comb", "opt", "data", "config"))
 
 
@@ -46,7 +62,7 @@ def reason(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _step_dirs(root: Path) -> list[int]:
+def _step_dirs(root: epath.Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
 
 
@@ -57,10 +73,10 @@ def _metric(manager, step):
         return None
 
 
-def _candidate_step_dirs(checkpoint_dir: str | Path, prefer: str) -> list[Path]:
+def _candidate_step_dirs(checkpoint_dir: str | os.PathLike, prefer: str) -> list[epath.Path]:
     """Step dirs to try in order: a step dir alone; for a run or checkpoints dir, the best by eval loss (unless
     `prefer="latest"`), then every step from the latest down."""
-    path = Path(checkpoint_dir).resolve()  # Orbax wants absolute paths; users pass relative ones
+    path = as_path(checkpoint_dir)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if (path / "comb").is_dir():
@@ -103,7 +119,7 @@ def restore_comb_params(checkpoint_dir: str, cfg, prefer: str = "best") -> dict:
                           + "; ".join(f"step {d.name}: {reason(e.__cause__ or e, 120)}" for d, e in errors))
 
 
-def _restore_comb_dir(step_dir: Path, cfg) -> dict:
+def _restore_comb_dir(step_dir: epath.Path, cfg) -> dict:
     comb_dir = step_dir / "comb"
     if not comb_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {step_dir} has no 'comb' item")
