@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.config import load_config
-from comb_jax.eval.harness import load_examples
 from comb_jax.eval.pic_modes import _pad, chunk_kv
 from comb_jax.methods.comb import comb_chunks
 from comb_jax.model.buckets import power_of_two
@@ -20,6 +19,7 @@ from comb_jax.paths import DEFAULT_DATA_DIR
 from comb_jax.serving.joint_pages import relative_distances
 from comb_jax.text.codec import make_codec
 from comb_jax.text.prompt import prompt_segments
+from comb_jax.training.data import load_examples
 from comb_jax.weights.resolve import load_model
 
 
@@ -33,8 +33,8 @@ def encode_chunk(params, tokens, num_real, *, cfg):
 dataset, limit, pt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = load_config("smollm2_comb")
 codec = make_codec(cfg)
-examples, _ = load_examples(dataset, DEFAULT_DATA_DIR, limit=limit, seed=0, num_distractors=2,
-                            max_chunk_chars=cfg.serve.max_chunk_tokens * 4, include_unanswerable=False)
+examples = load_examples(dataset, DEFAULT_DATA_DIR, "eval", seed=0, limit=limit, num_distractors=2,
+                         max_chunk_chars=cfg.serve.max_chunk_tokens * 4, include_unanswerable=False)
 _, params = load_model(cfg, "runs/qa_a/checkpoints/100")
 out = {}
 for mode, fn in (("naive", chunk_kv), ("comb", encode_chunk)):

@@ -148,7 +148,7 @@ class TrainConfig:
     # q_norm(q) . k_norm(k) / sqrt(head_dim), at most 8 * w_q * w_k for head_dim 64, so at 1 the attention over a few
     # hundred chunk tokens starts nearly uniform; 2 gives the logit range of the backbone's own attention.
     init_qk_norm: float = 1.0
-    dataset: str = "squad"  # squad | xsum | jsonl:PATH
+    dataset: str = "squad"  # training.data.DATASETS: squad | xsum | jsonl:PATH (reading sets: eval_dataset only)
     eval_dataset: str = ""  # empty: the dataset's own eval split (a jsonl file serves both); else as `dataset`
     num_distractors: int = 2
     max_chunks: int = 8  # chunks per example (XSum documents are cut to this many)

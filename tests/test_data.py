@@ -86,6 +86,28 @@ def test_jsonl_errors_name_the_line(tmp_path):
     assert ex.chunks == ("a b",) and ex.answer == "a"
 
 
+def test_one_loader_for_training_and_eval(tmp_path, tiny_cfg, shared_data):
+    """`load_examples` serves both: training's sample draws from [seed, 2], the eval's from its seed; squad_multidoc
+    is squad; a held-out reading set is eval only."""
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"chunks": [f"c{i}"], "question": "q", "answer": str(i)}) + "\n"
+                            for i in range(10)))
+    load = lambda **kw: [e.answer for e in D.load_examples(f"jsonl:{path}", tmp_path, "eval", seed=3,
+                                                           num_distractors=0, max_chunk_chars=100, **kw)]
+    assert load() == [str(i) for i in range(10)]
+    assert load(limit=4) == [str(i) for i in np.sort(np.random.default_rng(3).permutation(10)[:4])]
+    tc = toy_cfg(tiny_cfg, f"dataset=jsonl:{path}", "train.seed=3", "train_examples=4").train
+    trained = [e.answer for e in D.run_examples(tc, tmp_path, "train")]
+    assert trained == load(limit=4, sample_seed=[3, 2])
+    with pytest.raises(D.DataError, match="unknown dataset 'squat'.*jsonl:PATH, wording"):
+        D.load_examples("squat", tmp_path, "eval", seed=0, num_distractors=0, max_chunk_chars=100)
+    squad = lambda name, **kw: D.load_examples(name, shared_data, "eval", seed=0, num_distractors=2,
+                                               max_chunk_chars=100, **kw)
+    assert squad("squad_multidoc") == squad("squad") == D.squad_examples(shared_data, "eval", 2, 0)
+    answerable = squad("squad", include_unanswerable=False)
+    assert answerable and all(e.golds != (D.NO_ANSWER,) for e in answerable)
+
+
 def test_squad_split_by_article(shared_data, tiny_cfg):
     articles = D.squad_articles(shared_data)
     train = D.squad_examples(shared_data, "train", num_distractors=2, seed=0)

@@ -8,17 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from comb_jax.eval.harness import (
-    answer_nlls,
-    gap_closed,
-    main,
-    markdown_table,
-    reading_nlls,
-    run_eval,
-    shuffled_order,
-)
+from comb_jax.eval.harness import answer_nlls, comb_reading, main, markdown_table, run_eval, shuffled_order
 from comb_jax.eval.metrics import normalize_answer
 from comb_jax.eval.pic_modes import MODES, Answer
+from comb_jax.eval.reading import gap_closed, reading_nlls
 from comb_jax.model.layout import init_params, model_layout
 from comb_jax.model.transformer import concat_picaches, encode, forward, lm_logits
 from comb_jax.text.codec import Codec
@@ -143,7 +136,7 @@ def test_reading_nlls_gates_zero_is_no_context(tiny_cfg):
     params = init_params(model_layout(tiny_cfg.model), jax.random.key(3))  # release init: gates 0
     codec = Codec(None)
     examples = _examples()
-    r = reading_nlls(params, tiny_cfg.model, codec, examples, 64, batch_size=2)  # 3 requests: a padded batch
+    r = reading_nlls(examples, comb_reading(params, tiny_cfg.model, codec, 64, batch_size=2))  # 3: a padded batch
     per = r["per_example"]
     assert per["id"] == ["x0", "x1", "x2"] and r["requests"] == 3
     for key in ("nll_none", "nll_comb", "nll_full"):

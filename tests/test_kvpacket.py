@@ -10,6 +10,7 @@ import pytest
 
 from comb_jax.eval import kvpacket as kvpacket_eval
 from comb_jax.eval.pic_modes import PicRunner, _pad, chunk_kv, packet_kv
+from comb_jax.eval.reading import reading_nlls
 from comb_jax.methods import kvpacket
 from comb_jax.model.buckets import power_of_two as bucket
 from comb_jax.text.prompt import Segments
@@ -153,11 +154,11 @@ def test_reading_nlls_zero_adapter_reads_like_naive(tiny_cfg, tiny_params):
 
     examples = [Example(f"e{i}", ("alpha beta gamma " * (i + 1), "delta epsilon"), f"what {i}?", "beta", ("beta",))
                 for i in range(3)]
-    zero = kvpacket_eval.reading_nlls(tiny_cfg, tiny_params["backbone"],
-                                      kvpacket.init_kvpacket(tiny_params["backbone"], 0), examples, batch_size=2)
+    read = lambda adapter: reading_nlls(examples, kvpacket_eval.kvpacket_reading(tiny_cfg, tiny_params["backbone"],
+                                                                                 adapter, batch_size=2))
+    zero = read(kvpacket.init_kvpacket(tiny_params["backbone"], 0))
     assert zero["nll_kvpacket"] == zero["nll_naive"] and zero["kl_kvpacket"] == zero["kl_naive"] >= 0
     assert zero["requests"] == 3
     assert zero["nll_none"] != zero["nll_full"]
-    trained = kvpacket_eval.reading_nlls(tiny_cfg, tiny_params["backbone"], random_adapter(tiny_params, 2), examples,
-                                    batch_size=2)
+    trained = read(random_adapter(tiny_params, 2))
     assert trained["nll_naive"] == pytest.approx(zero["nll_naive"]) and trained["nll_kvpacket"] != zero["nll_naive"]

@@ -119,8 +119,8 @@ def test_eval_dataset_replaces_the_eval_split(tmp_path, tiny_cfg):
             json.dumps({"chunks": [f"c{i}"], "question": f"q{i}", "answer": name}) + "\n" for i in range(n)))
     cfg = toy_cfg(tiny_cfg, f"dataset=jsonl:{tmp_path / 'a.jsonl'}", f"eval_dataset=jsonl:{tmp_path / 'b.jsonl'}",
                   "eval_examples=0")
-    assert [e.answer for e in D.load_examples(cfg.train, tmp_path, "train")] == ["a"] * 3
-    assert [e.answer for e in D.load_examples(cfg.train, tmp_path, "eval")] == ["b"] * 5
+    assert [e.answer for e in D.run_examples(cfg.train, tmp_path, "train")] == ["a"] * 3
+    assert [e.answer for e in D.run_examples(cfg.train, tmp_path, "eval")] == ["b"] * 5
     with pytest.raises(ValueError, match="init_attn_gate"):
         toy_cfg(tiny_cfg, "init_attn_gate=1.0")
 

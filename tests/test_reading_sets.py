@@ -70,12 +70,14 @@ def test_style_set_is_lower_cased_news_text(shared_data):
 
 
 def test_eval_loads_the_named_reading_sets(shared_data):
-    from comb_jax.eval.harness import load_examples
+    from comb_jax.eval.harness import metric_for
+    from comb_jax.training.data import load_examples
 
-    examples, metric = load_examples("wording", shared_data, limit=12, seed=0, num_distractors=2,
-                                     max_chunk_chars=2000, include_unanswerable=False)
-    assert metric == "f1" and len(examples) == 12 and all(e.tag == "heldout:1facts" for e in examples)
+    examples = load_examples("wording", shared_data, "eval", seed=0, limit=12, num_distractors=2, max_chunk_chars=2000,
+                             include_unanswerable=False)
+    assert metric_for("wording") == "f1" and len(examples) == 12 and all(e.tag == "heldout:1facts" for e in examples)
     assert all(sum(e.answer in c for c in e.chunks) == 1 for e in examples)
     with pytest.raises(ValueError, match="wording, distractors, style"):
-        load_examples("wordings", shared_data, limit=1, seed=0, num_distractors=2, max_chunk_chars=2000,
-                      include_unanswerable=False)
+        load_examples("wordings", shared_data, "eval", seed=0, limit=1, num_distractors=2, max_chunk_chars=2000)
+    with pytest.raises(ValueError, match="eval only"):  # a held-out set is never trained on
+        load_examples("wording", shared_data, "train", seed=0, limit=1, num_distractors=2, max_chunk_chars=2000)

@@ -9,6 +9,7 @@ from comb_jax.config import load_config
 from comb_jax.eval import harness as ev
 from comb_jax.eval.metrics import contains_answer
 from comb_jax.eval.pic_modes import PicRunner
+from comb_jax.eval.reading import reading_nlls
 from comb_jax.text.codec import make_codec
 from comb_jax.text.prompt import prompt_segments
 from comb_jax.training import data
@@ -43,12 +44,12 @@ def test_reads_held_out_wordings_from_the_right_chunks_in_any_order(pointer, sha
     examples = [data.Example(f"n{i}", tuple(r["chunks"]), r["question"], r["answer"], (r["answer"],))
                 for i, r in enumerate(rows)]
     codec = make_codec(cfg)
-    r = ev.reading_nlls(params, cfg.model, codec, examples, cfg.train.max_chunk_tokens)
+    r = reading_nlls(examples, ev.comb_reading(params, cfg.model, codec, cfg.train.max_chunk_tokens))
     # the gold answer is far more likely with the right chunks than with another request's (style alone: 0)
     assert r["nll_comb"] < r["nll_comb_other"] - 1.0 and r["reading_gap_closed"] > 0.3
     # chunk order does not change what Comb reads
     shuffled = [data.Example(e.id, e.chunks[::-1], e.question, e.answer, e.golds) for e in examples]
-    again = ev.reading_nlls(params, cfg.model, codec, shuffled, cfg.train.max_chunk_tokens)
+    again = reading_nlls(shuffled, ev.comb_reading(params, cfg.model, codec, cfg.train.max_chunk_tokens))
     np.testing.assert_allclose(again["per_example"]["nll_comb"], r["per_example"]["nll_comb"], rtol=1e-4)
 
 

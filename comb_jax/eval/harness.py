@@ -1,6 +1,6 @@
 """PIC modes side by side on real requests: answer quality, time to first token, cache memory, hit rate.
 
-    python -m comb_jax.eval --config smollm2_comb [--checkpoint RUN_DIR] --dataset squad_multidoc \\
+    python -m comb_jax.eval --config smollm2_comb [--checkpoint RUN_DIR] --dataset squad \\
         --modes full,prefix,naive,rerotate,epic,comb --limit 16 --out runs/eval
 
 Every request runs twice per mode: pass "original" over all requests in their chunk order, then pass "shuffled"
@@ -24,13 +24,13 @@ OUT/requests.jsonl):
 - hidden_cos: cosine similarity, against the full prompt, of the final hidden state that predicts the first
   answer token; same_answer: fraction of answers identical to the full prompt's.
 
-Once per run (it does not depend on the mode; `--no-reading` skips it), `reading_nlls` measures how much Comb reads:
-the teacher-forced NLL per answer token of each request's reference answer (`Codec.answer_ids(golds[0])`) with no
-context (the question alone, the plain backbone), with Comb (the same prompt reading the chunks' PICaches) and with
-the full prompt (context inlined, as mode "full" builds it), each averaged over requests, and
-gap_closed = (nll_none - nll_comb) / (nll_none - nll_full) from those means: 1 = Comb reads as well as the full
-prompt, 0 = as if there were no context. In results.json under "reading" (per request under "per_example") and as a
-second table in results.md.
+Once per run (it does not depend on the mode; `--no-reading` skips it), `reading.reading_nlls` with `comb_reading`
+measures how much Comb reads: the teacher-forced NLL per answer token of each request's reference answer
+(`Codec.answer_ids(golds[0])`) with no context (the question alone, the plain backbone), with Comb (the same prompt
+reading the chunks' PICaches) and with the full prompt (context inlined, as mode "full" builds it), each averaged
+over requests, and gap_closed = (nll_none - nll_comb) / (nll_none - nll_full) from those means: 1 = Comb reads as
+well as the full prompt, 0 = as if there were no context. In results.json under "reading" (per request under
+"per_example") and as a second table in results.md.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from comb_jax.config import load_config
 from comb_jax.eval import join
 from comb_jax.eval.metrics import contains_answer, qa_f1, rouge_l
 from comb_jax.eval.pic_modes import DECODER_MODES, MODES, PicRunner, attention_similarity, context_attention
+from comb_jax.eval.reading import ReadingMethod, reading_nlls
 from comb_jax.methods.kvpacket import init_kvpacket
 from comb_jax.model.buckets import round_up
 from comb_jax.model.compiles import compile_count
@@ -61,7 +62,7 @@ from comb_jax.paths import DEFAULT_DATA_DIR
 from comb_jax.serving import quant
 from comb_jax.text.codec import Codec, make_codec
 from comb_jax.text.prompt import prompt_segments
-from comb_jax.training import data, needles
+from comb_jax.training import data
 from comb_jax.weights.adapter import load_adapter
 from comb_jax.weights.resolve import load_model
 
@@ -72,30 +73,9 @@ PASSES = ("original", "shuffled")
 # Requests
 
 
-def load_examples(dataset: str, data_dir: Path, *, limit: int, seed: int, num_distractors: int,
-                  max_chunk_chars: int, include_unanswerable: bool) -> tuple[list[data.Example], str]:
-    """Held-out examples (training's "eval" split) and the metric name ("f1" or "rouge_l")."""
-    if dataset == "squad_multidoc":
-        examples = data.squad_examples(data_dir, "eval", num_distractors, seed)
-        if not include_unanswerable:
-            examples = [e for e in examples if e.golds != (data.NO_ANSWER,)]
-        metric = "f1"
-    elif dataset == "xsum":
-        examples, metric = data.xsum_examples(data_dir, "eval", max_chunk_chars), "rouge_l"
-    elif dataset.startswith("jsonl:"):
-        examples, metric = data.jsonl_examples(dataset[len("jsonl:"):]), "f1"
-    elif dataset in needles.READING_SETS:  # generated, seeded: the same requests for every model and mode
-        rows = needles.reading_set(dataset, data_dir, count=limit or 200, seed=seed)
-        examples = [data.Example(id=f"{dataset}:{i}", chunks=tuple(r["chunks"]), question=r["question"],
-                                 answer=r["answer"], golds=(r["answer"],), tag=r["set"]) for i, r in enumerate(rows)]
-        return examples, "f1"
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: squad_multidoc, xsum, jsonl:PATH, "
-                         + ", ".join(needles.READING_SETS))
-    if limit and limit < len(examples):  # a seeded sample, so that a small limit still spans articles
-        keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
-        examples = [examples[i] for i in keep]
-    return examples, metric
+def metric_for(dataset: str) -> str:
+    """How an answer is scored on `dataset`: "rouge_l" for xsum's summaries, else QA "f1"."""
+    return "rouge_l" if dataset == "xsum" else "f1"
 
 
 def shuffled_order(n: int, rng: np.random.Generator) -> list[int]:
@@ -192,55 +172,35 @@ def answer_nlls(params, model_cfg, prompts, answers, chunks=None, dtype=jnp.floa
     return out
 
 
-def gap_closed(nll_none: float, nll_comb: float, nll_full: float) -> float | None:
-    """(nll_none - nll_comb) / (nll_none - nll_full); None when the full prompt is no different from no context."""
-    denominator = nll_none - nll_full
-    value = (nll_none - nll_comb) / denominator if denominator else None
-    return value if value is not None and np.isfinite(value) else None
-
-
-def reading_nlls(params, model_cfg, codec: Codec, examples: list[data.Example], max_chunk_tokens: int,
-                 dtype=jnp.float32, batch_size: int = 8, answers: list[str] | None = None,
-                 cache: dict | None = None, pic_dtype: str = "auto") -> dict:
-    """How much of the full prompt's advantage Comb recovers, on `examples` (needs only params and examples).
-
-    For each example, the teacher-forced NLL per token of `Codec.answer_ids(reference)` (reference: golds[0], or
-    `answers[i]` when given) after (a) the question alone with no PICache (`codec.prompt_ids(question)`: the plain
-    backbone), (b) the same prompt reading the Comb PICaches of the chunks (each `codec.encode(chunk)`, truncated to
-    `max_chunk_tokens`, as training and `build_segments` tokenize them), (c) the full prompt with the context
-    inlined (`prompt_segments(...).full`, what mode "full" prefills), and (d) with Comb reading another request's
-    chunks (the next one's): a trained Comb's answer style lowers (b) whether or not it reads, (d) only by style.
-    Returns {"nll_none", "nll_comb", "nll_full", "nll_comb_other": means over examples, "gap_closed": `gap_closed`
-    of those means (None if undefined), "reading_gap_closed": (nll_comb_other - nll_comb) / (nll_none - nll_full),
-    the part of the gap closed by reading the right chunks, "requests",
-    "per_example": {"id", "nll_none", "nll_comb", "nll_full": lists in example order}}.
-    `cache` (a dict the caller keeps across calls on the same examples, as training's periodic eval does) holds the
-    no-context and full-prompt NLLs, which do not depend on the Comb parameters.
-    """
-    refs = answers if answers is not None else [e.golds[0] for e in examples]
-    if len(refs) != len(examples):
-        raise ValueError(f"{len(refs)} answers for {len(examples)} examples")
-    segs = [prompt_segments(codec, e.chunks, e.question, max_chunk_tokens) for e in examples]
-    answer_ids = [codec.answer_ids(a) for a in refs]
-    comb_prompts = [list(s.comb_prompt) for s in segs]
+def comb_reading(params, model_cfg, codec: Codec, max_chunk_tokens: int, dtype=jnp.float32, batch_size: int = 8,
+                 pic_dtype: str = "auto") -> ReadingMethod:
+    """Comb's readings for `reading.reading_nlls`: the NLL per token of `Codec.answer_ids(answer)` after (none) the
+    question alone with no PICache (`codec.prompt_ids(question)`: the plain backbone), (comb) the same prompt
+    reading the Comb PICaches of the chunks (each `codec.encode(chunk)`, truncated to `max_chunk_tokens`, as
+    training and `prompt_segments` tokenize them), (full) the full prompt with the context inlined
+    (`prompt_segments(...).full`, what mode "full" prefills), and (comb_other, with more than one example) Comb
+    reading the next request's chunks: a trained Comb's answer style lowers comb whether or not it reads,
+    comb_other only by style. none and full do not depend on the Comb parameters."""
     run = partial(answer_nlls, params, model_cfg, dtype=dtype, batch_size=batch_size, pic_dtype=pic_dtype)
-    chunks = [list(s.comb_chunks) for s in segs]
-    cache = {} if cache is None else cache
-    if "none" not in cache:
-        cache["none"] = run(comb_prompts, answer_ids)
-        cache["full"] = run([list(s.full) for s in segs], answer_ids)
-    nll = {"none": cache["none"], "comb": run(comb_prompts, answer_ids, chunks), "full": cache["full"]}
-    if len(examples) > 1:  # each question reading the next request's chunks: what style alone is worth
-        nll["comb_other"] = run(comb_prompts, answer_ids, chunks[1:] + chunks[:1])
-    means = {k: float(np.mean(v)) if len(v) else None for k, v in nll.items()}
-    gap = gap_closed(means["none"], means["comb"], means["full"]) if examples else None
-    other = means.get("comb_other")
-    reading_gap = (None if other is None or gap is None
-                   else gap_closed(other, means["comb"], other - (means["none"] - means["full"])))
-    return {"nll_none": means["none"], "nll_comb": means["comb"], "nll_full": means["full"], "gap_closed": gap,
-            "nll_comb_other": other, "reading_gap_closed": reading_gap, "requests": len(examples),
-            "per_example": {"id": [e.id for e in examples], **{f"nll_{k}": [float(x) for x in v]
-                                                                for k, v in nll.items()}}}
+
+    def segments(examples):
+        return ([prompt_segments(codec, e.chunks, e.question, max_chunk_tokens) for e in examples],
+                [codec.answer_ids(e.answer) for e in examples])
+
+    def reference(examples):
+        segs, answers = segments(examples)
+        return {"none": run([list(s.comb_prompt) for s in segs], answers),
+                "full": run([list(s.full) for s in segs], answers)}
+
+    def method(examples):
+        segs, answers = segments(examples)
+        prompts, chunks = [list(s.comb_prompt) for s in segs], [list(s.comb_chunks) for s in segs]
+        nlls = {"comb": run(prompts, answers, chunks)}
+        if len(examples) > 1:  # each question reading the next request's chunks: what style alone is worth
+            nlls["comb_other"] = run(prompts, answers, chunks[1:] + chunks[:1])
+        return nlls
+
+    return ReadingMethod("comb", reference, method)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,8 +316,8 @@ def run_eval(runner: PicRunner, codec: Codec, examples: list[data.Example], mode
             records_file.close()
     results = {"metric": metric, "requests": len(requests), "modes": summary}
     if reading:
-        results["reading"] = reading_nlls(runner.params, runner.cfg, codec, examples, max_chunk_tokens, runner.dtype,
-                                          pic_dtype=runner.pic_dtype)
+        results["reading"] = reading_nlls(examples, comb_reading(runner.params, runner.cfg, codec, max_chunk_tokens,
+                                                                 runner.dtype, pic_dtype=runner.pic_dtype))
         log.info(json.dumps({k: v for k, v in results["reading"].items() if k != "per_example"}))
     return results
 
@@ -465,18 +425,18 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m comb_jax.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="configs/NAME.py")
     ap.add_argument("--checkpoint", default=None, help="training run dir (default: fresh Comb params, gates 0)")
-    ap.add_argument("--dataset", default="squad_multidoc",
-                    help="squad_multidoc | xsum | jsonl:PATH | the held-out reading sets wording | distractors | "
-                         "style (never trained on); several, comma-separated, run one after another into OUT/NAME/ "
-                         "with one summary table in OUT/summary.md")
+    ap.add_argument("--dataset", default="squad",
+                    help="squad (old name: squad_multidoc) | xsum | jsonl:PATH | the held-out reading sets wording | "
+                         "distractors | style (never trained on); several, comma-separated, run one after another "
+                         "into OUT/NAME/ with one summary table in OUT/summary.md")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     ap.add_argument("--limit", type=int, default=16, help="number of requests (0: all)")
     ap.add_argument("--out", default="runs/eval", help="output directory")
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     ap.add_argument("--epic-k", type=int, default=16, help="tokens recomputed at the start of each chunk (epic)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="0: serve.max_new_tokens")
-    ap.add_argument("--num-distractors", type=int, default=2, help="squad_multidoc: distractor paragraphs")
-    ap.add_argument("--include-unanswerable", action="store_true", help="squad_multidoc: keep SQuAD 2.0 "
+    ap.add_argument("--num-distractors", type=int, default=2, help="squad: distractor paragraphs")
+    ap.add_argument("--include-unanswerable", action="store_true", help="squad: keep SQuAD 2.0 "
                     "unanswerable questions (gold: data.NO_ANSWER)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reading", action="store_true", help="skip the teacher-forced NLLs and gap closed")
@@ -517,9 +477,11 @@ def _main(args, argv) -> dict:
     cfg = load_config(args.config, args.overrides)
     codec = make_codec(cfg)
     datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
-    loaded = {d: load_examples(d, Path(args.data_dir), limit=args.limit, seed=args.seed,
-                               num_distractors=args.num_distractors, max_chunk_chars=cfg.serve.max_chunk_tokens * 4,
-                               include_unanswerable=args.include_unanswerable) for d in datasets}
+    loaded = {d: (data.load_examples(d, Path(args.data_dir), "eval", seed=args.seed, limit=args.limit,
+                                     num_distractors=args.num_distractors,
+                                     max_chunk_chars=cfg.serve.max_chunk_tokens * 4,
+                                     include_unanswerable=args.include_unanswerable), metric_for(d))
+              for d in datasets}
     cfg, params = load_model(cfg, args.checkpoint)
     if "kvpacket" in modes:
         if not args.kvpacket:  # like Comb without a checkpoint: runs, but untrained (P = 0: exactly naive reuse)

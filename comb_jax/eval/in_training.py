@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from comb_jax.eval import kvpacket as kvpacket_eval
-from comb_jax.eval.harness import reading_nlls
+from comb_jax.eval.harness import comb_reading
 from comb_jax.eval.metrics import contains_answer, qa_f1
+from comb_jax.eval.reading import reading_nlls
 from comb_jax.methods.comb import batch_picache
 from comb_jax.model.decode import generate
 from comb_jax.training import data as data_lib
@@ -23,7 +24,9 @@ from comb_jax.training.objectives import loss_fn
 def make_evaluator(cfg):
     """evaluate(trainable, backbone, examples, codec) -> metrics for `cfg`'s objective (see the module docstring)."""
     if cfg.train.objective == "kvpacket":
-        return lambda adapter, backbone, examples, codec: kvpacket_eval.evaluate(adapter, backbone, examples, cfg)
+        readings = {}  # the readings that do not depend on the trailer, computed once
+        return lambda adapter, backbone, examples, codec: kvpacket_eval.evaluate(adapter, backbone, examples, cfg,
+                                                                                 readings)
     tc = cfg.train
     loss_step = jax.jit(lambda comb, bb, batch: loss_fn(comb, bb, batch, cfg))
     reference = {}  # no-context and full-prompt NLLs of the eval set, computed once
@@ -41,11 +44,11 @@ def evaluate(comb, backbone, examples, codec, cfg, loss_step, max_new_tokens: in
 
     eval_loss: answer-token CE on the training targets; eval_f1 / eval_contain: QA F1 and answer containment of the
     greedy answers (decoded with the PICache) against the gold answers; eval_gap_closed: the context gap closed on
-    the gold answers (`eval.reading_nlls`: (nll_none - nll_comb) / (nll_none - nll_full)); eval_reading_gap_closed:
-    the part of it that needs the right chunks ((nll_comb_other - nll_comb) / (nll_none - nll_full), with each
-    question reading the next example's chunks): a Comb that learnt the answer style but does not read closes
-    the first and not the second. `reference` (a dict kept by the caller) caches the no-context and full-prompt
-    NLLs, which do not change during training.
+    the gold answers (`eval.reading.reading_nlls`: (nll_none - nll_comb) / (nll_none - nll_full));
+    eval_reading_gap_closed: the part of it that needs the right chunks ((nll_comb_other - nll_comb) /
+    (nll_none - nll_full), with each question reading the next example's chunks): a Comb that learnt the answer
+    style but does not read closes the first and not the second. `reference` (a dict kept by the caller) caches
+    the no-context and full-prompt NLLs, which do not change during training.
     """
     dtype = jnp.dtype(cfg.compute_dtype)
     params = {"backbone": backbone, "comb": comb}
@@ -75,7 +78,8 @@ def evaluate(comb, backbone, examples, codec, cfg, loss_step, max_new_tokens: in
                 contain_by_tag.setdefault(e.tag, []).append(contain[-1])
             if len(samples) < 3:
                 samples.append({"question": e.question, "answer": answer, "target": e.answer})
-    reading = reading_nlls(params, cfg.model, codec, examples, cfg.train.max_chunk_tokens, dtype, cache=reference)
+    reading = reading_nlls(examples, comb_reading(params, cfg.model, codec, cfg.train.max_chunk_tokens, dtype),
+                           reference)
     return {"eval_loss": total_loss / max(total_tokens, 1.0), "eval_f1": float(np.mean(f1_gold)),
             "eval_f1_target": float(np.mean(f1_target)), "eval_contain": float(np.mean(contain)),
             **{f"eval_contain_{tag}": float(np.mean(v)) for tag, v in sorted(contain_by_tag.items())},

@@ -33,6 +33,7 @@ from comb_jax.model.decode import generate
 from comb_jax.model.layout import flatten_names
 from comb_jax.text.codec import Codec
 from comb_jax.text.prompt import PROMPT_FORMAT
+from comb_jax.training.needles import READING_SETS, reading_set
 
 NO_ANSWER = "No information is provided in the context."
 SUMMARY_INSTRUCTION = "Summarize the documents above in one sentence."
@@ -160,26 +161,54 @@ def jsonl_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-def load_examples(tc, data_dir: str | Path, split: str) -> list[Example]:
-    """Examples for TrainConfig `tc` (dataset squad | xsum | jsonl:PATH); `train_examples` > 0 subsamples train.
+DATASETS = ("squad", "xsum", "jsonl:PATH", *READING_SETS)  # what `load_examples` reads, for training and eval
+DATASET_ALIASES = {"squad_multidoc": "squad"}  # the eval's former name, still in run dirs, docs and the shipped card
 
-    The eval split comes from `tc.eval_dataset` when it is set (e.g. a held-out needle file next to a training one).
+
+def load_examples(dataset: str, data_dir: str | Path, split: str, *, seed: int, num_distractors: int,
+                  max_chunk_chars: int, limit: int = 0, sample_seed=None,
+                  include_unanswerable: bool = True) -> list[Example]:
+    """The one example loader of training and eval: `dataset` (one of `DATASETS`), its `split` ("train" | "eval").
+
+    squad: SQuAD 2.0 dev split by article, the gold paragraph with `num_distractors` others (`squad_examples`),
+    unanswerable questions (gold `NO_ANSWER`) only with `include_unanswerable`; xsum: documents cut into chunks of
+    at most `max_chunk_chars` (`xsum_examples`); jsonl:PATH: the user's file, the same for both splits; a held-out
+    reading set (`needles.READING_SETS`): `limit` (or 200) generated requests, eval only, never trained on.
+    `limit` > 0 keeps a seeded sample of that many, in file order; `sample_seed` (default `seed`) seeds it, so a
+    caller keeps its own sample stable (training draws from [seed, 2], the eval from its --seed).
     """
-    if split == "eval" and tc.eval_dataset:
-        tc = dataclasses.replace(tc, dataset=tc.eval_dataset, eval_dataset="")
-    if tc.dataset == "squad":
-        examples = squad_examples(data_dir, split, tc.num_distractors, tc.seed)
-    elif tc.dataset == "xsum":
-        examples = xsum_examples(data_dir, split, max_chunk_chars=tc.max_chunk_tokens * 4)
-    elif tc.dataset.startswith("jsonl:"):
-        examples = jsonl_examples(tc.dataset[len("jsonl:"):])  # the same file serves train and eval
+    dataset = DATASET_ALIASES.get(dataset, dataset)
+    if dataset in READING_SETS:  # generated, seeded: the same requests for every model and mode
+        if split != "eval":
+            raise DataError(f"{dataset!r} is a held-out reading set: eval only, never trained on")
+        rows = reading_set(dataset, data_dir, count=limit or 200, seed=seed)
+        return [Example(id=f"{dataset}:{i}", chunks=tuple(r["chunks"]), question=r["question"], answer=r["answer"],
+                        golds=(r["answer"],), tag=r["set"]) for i, r in enumerate(rows)]
+    if dataset == "squad":
+        examples = squad_examples(data_dir, split, num_distractors, seed)
+        if not include_unanswerable:
+            examples = [e for e in examples if e.golds != (NO_ANSWER,)]
+    elif dataset == "xsum":
+        examples = xsum_examples(data_dir, split, max_chunk_chars)
+    elif dataset.startswith("jsonl:"):
+        examples = jsonl_examples(dataset[len("jsonl:"):])  # the same file serves train and eval
     else:
-        raise DataError(f"unknown dataset {tc.dataset!r}; valid: squad, xsum, jsonl:PATH")
-    limit = tc.train_examples if split == "train" else tc.eval_examples
-    if limit and limit < len(examples):
-        keep = np.sort(np.random.default_rng([tc.seed, 2]).permutation(len(examples))[:limit])
+        raise DataError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    if limit and limit < len(examples):  # a seeded sample, so that a small limit still spans articles
+        rng = np.random.default_rng(seed if sample_seed is None else sample_seed)
+        keep = np.sort(rng.permutation(len(examples))[:limit])
         examples = [examples[i] for i in keep]
     return examples
+
+
+def run_examples(tc, data_dir: str | Path, split: str) -> list[Example]:
+    """A training run's examples: `load_examples` with TrainConfig `tc`'s settings (`train_examples` /
+    `eval_examples` > 0 subsample); the eval split comes from `tc.eval_dataset` when it is set (e.g. a held-out
+    needle file next to a training one)."""
+    dataset = tc.eval_dataset if split == "eval" and tc.eval_dataset else tc.dataset
+    return load_examples(dataset, data_dir, split, seed=tc.seed, num_distractors=tc.num_distractors,
+                         max_chunk_chars=tc.max_chunk_tokens * 4,
+                         limit=tc.train_examples if split == "train" else tc.eval_examples, sample_seed=[tc.seed, 2])
 
 
 # ----------------------------------------------------------------------------------------------------------

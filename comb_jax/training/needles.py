@@ -346,7 +346,7 @@ READING_SETS = {  # the held-out reading suite (issue 20): name -> reading_examp
 
 
 def reading_set(name: str, data_dir: str | Path, count: int, seed: int = 0) -> list[dict]:
-    """One held-out reading set by name (`READING_SETS`); SQuAD dev multi-doc is the eval's `squad_multidoc`."""
+    """One held-out reading set by name (`READING_SETS`); SQuAD dev multi-doc is `data.load_examples`' `squad`."""
     if name not in READING_SETS:
         raise ValueError(f"unknown reading set {name!r}; valid: {', '.join(READING_SETS)}")
     return reading_examples(data_dir, count=count, seed=seed, **READING_SETS[name])

@@ -299,8 +299,8 @@ def resolve_targets(cfg) -> str:
 def prepare_examples(cfg, codec, backbone_params, run_dir, progress: bool):
     """(train, eval) examples with their training targets (teacher answers cached in the run dir)."""
     where = data_dir(cfg.train.data_dir)
-    train_ex = data_lib.load_examples(cfg.train, where, "train")
-    eval_ex = data_lib.load_examples(cfg.train, where, "eval")
+    train_ex = data_lib.run_examples(cfg.train, where, "train")
+    eval_ex = data_lib.run_examples(cfg.train, where, "eval")
     if resolve_targets(cfg) == "teacher":
         train_ex = data_lib.teacher_targets(train_ex, backbone_params, cfg, codec, run_dir / "teacher_train.jsonl",
                                             progress)
