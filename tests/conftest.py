@@ -3,6 +3,7 @@
 Tests marked gpu are deselected unless `-m` names gpu; `make test` on a GPU machine runs `-m gpu` with
 JAX_PLATFORMS=cuda (which the setdefault below leaves alone)."""
 
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -88,3 +89,14 @@ def pytest_collection_modifyitems(config, items):
     if len(keep) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu") is not None])
         items[:] = keep
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_executables():
+    """After each test module, drop JAX's compiled executables. The whole suite in one process compiles thousands
+    of them; late in such a run a compile crashed natively twice (XLA abort, segfault in backend_compile_and_load)
+    while every module passes alone. Each executable holds memory mappings, and the process's mapping count is
+    bounded (vm.max_map_count), so this keeps a long run far from that bound."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -141,7 +141,7 @@ def test_fuzz_request_reader_never_crashes_and_names_the_field(tiny_cfg, tiny_pa
             alone = read_requests([line], CODEC, "comb", MAX_NEW)[0].request
             assert (alone.prompt_ids, alone.chunk_ids, alone.max_tokens) == (
                 p.request.prompt_ids, p.request.chunk_ids, p.request.max_tokens)
-            engine._check(p.request)  # every valid line is servable
+            engine.check(p.request)  # every valid line is servable
             valid += 1
         elif expect:
             assert p.error is not None and p.error.startswith(f"line {n}: ") and expect in p.error, (line, p.error)

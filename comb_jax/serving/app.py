@@ -231,9 +231,9 @@ def create_app(scheduler: Scheduler, model_name: str, max_body_bytes: int = DEFA
         docs, pin, ttl_s = parse_document_upload(await read_json(request), parse_ctx)
         for i, d in enumerate(docs):
             length = len(scheduler.entry_ids(d.ids))
-            if length > engine.serve.max_chunk_tokens:
+            if length > engine.max_entry_tokens:
                 raise APIError(400, f"'documents[{i}]' has {length} tokens; a document may have at most "
-                                    f"{engine.serve.max_chunk_tokens}", param=f"documents[{i}]",
+                                    f"{engine.max_entry_tokens}", param=f"documents[{i}]",
                                code="document_too_long")
         scheduler.check_upload(docs)
         data, durable = await asyncio.wrap_future(scheduler.call(scheduler.encode_documents_durably, docs, pin,

@@ -61,7 +61,7 @@ def encode_corpus(scheduler, documents: list[tuple[str | None, str]], batch: int
     """
     if scheduler.thread is not None:
         raise RuntimeError("encode_corpus drives the scheduler directly: do not start its thread")
-    limit = scheduler.engine.serve.max_chunk_tokens
+    limit = scheduler.engine.max_entry_tokens
     batch = batch or scheduler.engine.serve.encode_batch
     docs = []
     for i, (name, text) in enumerate(documents):

@@ -51,6 +51,15 @@ from comb_jax.serving.pool import (
     write_chunks,
 )
 from comb_jax.serving.prefix import PrefixCache, PrefixStats
+from comb_jax.serving.slots import (
+    SlotState,
+    admit_buckets,
+    decode_step,
+    init_slots,
+    insert_rows,
+    prefill_rows,
+    request_key_data,
+)
 
 
 @dataclass
@@ -90,6 +99,11 @@ def prefill_with_pages(params, pool_k, pool_v, page_table, context_mask, prompt,
     return state, ctx
 
 
+def _pad_rows(values, rows: int, fill, dtype) -> np.ndarray:
+    """values [n] -> [rows], the rows past n `fill` (a bucketed batch's padding)."""
+    return np.array(list(values) + [fill] * (rows - len(values)), dtype)
+
+
 def serving_mesh(cfg: Config):
     """Serving replicates over data and shards over the tensor axis only (the batch is small and static)."""
     tensor = max(1, cfg.mesh.tensor)
@@ -97,7 +111,23 @@ def serving_mesh(cfg: Config):
 
 
 class Engine:
-    """Serves batches of `Request`s. params: the full tree {"backbone", "comb"}; stop_ids end generation."""
+    """Serves batches of `Request`s (`run`) and steps decode slots for the scheduler. params: the full tree
+    {"backbone", "comb"}; stop_ids end generation.
+
+    The interface `serving.scheduler.Scheduler` uses, and nothing else of the engine (JetStream's prefill / insert /
+    generate split): the scheduler owns the slots' state, their jobs and which pool entries each holds; the engine
+    owns the weights, the dtype, the shapes (buckets) and the jitted calls.
+    - what it serves: `pool` (the `PagePool` the scheduler looks entries up in), `mode`, `stop_ids`, `slots`
+      (decode slots), `admit_buckets` (batch sizes of an admission), `seed` (of requests that bring none);
+    - a request's limits: `context_entries(request)` (its pool entries' ids), `document_ids(entry_ids)` (the
+      inverse for one document), `entry_pages(entries)` and `context_tokens(entries)` (what it needs of the pool
+      and of the context), `max_prompt_tokens`, `max_entry_tokens`, `max_context_tokens`, `check(request)`;
+    - the device: `init_decode_state()` -> `SlotState`; `encode(entries)` writes the unwritten entries' pages;
+      `prefill(prompts, entries, seeds, temperature, top_p)` -> those requests prefilled on their pages (a
+      prefix, as `slots.prefill_rows` returns it); `insert(state, slot_ids, prefix, temperature, top_p)` -> the
+      state with them in their slots; `generate(state, active)` -> (state, one token per slot);
+      `warmup_encoder()` and `warmup_slots(state)` compile every shape these use.
+    """
 
     def __init__(self, cfg: Config, params, *, stop_ids=(), tokenizer_id: str = "raw-ids", mode: str = "comb",
                  mesh=None, bos_id: int | None = None):
@@ -127,6 +157,9 @@ class Engine:
             self.prompt_buckets = tuple(sorted(set(s.prompt_buckets) | {c + top for c in self.context_buckets}))
         self.prefix = PrefixCache(self.pool, self.prompt_buckets) if mode == "prefix" else None
         self.rng = jax.random.key(s.seed)
+        self.admit_buckets = admit_buckets(self.slots)
+        self._kv_slots = self.max_prompt_tokens + s.max_new_tokens  # a slot's KV positions: prompt and answer
+        self._slot_context = max(self.context_buckets) if mode == "comb" else 0  # a slot's PICache tokens
 
     @classmethod
     def for_codec(cls, cfg: Config, params, codec, mode: str = "comb") -> Engine:
@@ -146,13 +179,50 @@ class Engine:
             entries = [[self.bos_id, *ids] for ids in entries]
         return entries
 
-    def _check(self, r: Request):
+    def document_ids(self, entry_ids) -> list[int]:
+        """A single document's ids from its pool entry's (`context_entries` of that one document, undone)."""
+        ids = list(entry_ids)
+        if self.cfg.model.context_bos and ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        return ids
+
+    def entry_pages(self, entries) -> int:
+        """Pool pages the distinct entries (token ids each) need together."""
+        return sum(self.pool.pages_for(len(ids)) for ids in {tuple(ids) for ids in entries})
+
+    def context_tokens(self, entries) -> int:
+        """The page-rounded context a request with these entries reads (a repeated entry counts again)."""
+        return sum(self.pool.pages_for(len(ids)) for ids in entries) * self.serve.page_tokens
+
+    @property
+    def slots(self) -> int:
+        return self.serve.max_batch
+
+    @property
+    def seed(self) -> int:
+        return self.serve.seed
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return max(self.prompt_buckets)
+
+    @property
+    def max_entry_tokens(self) -> int:
+        return self.serve.max_chunk_tokens
+
+    @property
+    def max_context_tokens(self) -> int:
+        """The longest page-rounded context a request may read."""
+        return min(self.serve.max_context_tokens, max(self.context_buckets))
+
+    def check(self, r: Request):
+        """RequestError when `r` can never be served by this engine (shapes, budgets, vocabulary, pool size)."""
         s = self.serve
         if not r.prompt_ids:
             raise RequestError("empty prompt")
-        if len(r.prompt_ids) > max(self.prompt_buckets):
+        if len(r.prompt_ids) > self.max_prompt_tokens:
             raise RequestError(f"prompt of {len(r.prompt_ids)} tokens exceeds the largest prompt bucket "
-                               f"{max(self.prompt_buckets)}")
+                               f"{self.max_prompt_tokens}")
         if not 0 <= r.max_tokens <= s.max_new_tokens:
             raise RequestError(f"max_tokens={r.max_tokens} outside [0, serve.max_new_tokens={s.max_new_tokens}]")
         if not 0 <= r.temperature < float("inf") or not 0 < r.top_p <= 1:
@@ -169,15 +239,14 @@ class Engine:
             where = "the whole context (chunks)" if whole else f"chunks[{n}]"
             if len(ids) == 0:
                 raise RequestError(f"{where} is empty")
-            if len(ids) > s.max_chunk_tokens:
+            if len(ids) > self.max_entry_tokens:
                 raise RequestError(f"{where}: chunk of {len(ids)} tokens exceeds serve.max_chunk_tokens="
-                                   f"{s.max_chunk_tokens}")
-        pages = sum(self.pool.pages_for(len(ids)) for ids in {tuple(ids) for ids in entries})
+                                   f"{self.max_entry_tokens}")
+        pages = self.entry_pages(entries)
         if pages > self.pool.num_pages:
             raise RequestError(f"chunks: the context needs {pages} pages but the whole pool has "
                                f"{self.pool.num_pages}: this request can never fit (serve.pool_tokens)")
-        context = sum(self.pool.pages_for(len(ids)) for ids in entries) * s.page_tokens
-        limit = min(s.max_context_tokens, max(self.context_buckets))
+        context, limit = self.context_tokens(entries), self.max_context_tokens
         if context > limit:
             raise RequestError(f"chunks: context of {context} page-rounded tokens exceeds {limit} "
                                f"(max_context_tokens / largest context bucket)")
@@ -199,6 +268,96 @@ class Engine:
         for e in entries:
             self.pool.release(e)
             self.pool.drop_unwritten(e)
+
+    # -- slots: the scheduler's device calls ----------------------------------------------------------------
+
+    def init_decode_state(self) -> SlotState:
+        """Empty decode slots: `slots` rows of prompt + answer KV and (mode comb) the largest context bucket."""
+        return init_slots(self.cfg.model, self.slots, self._kv_slots, self._slot_context, self.dtype)
+
+    def encode(self, entries: list[Entry]) -> list[Entry]:
+        """Write the pages of the entries not written yet (each once, together); returns those it wrote."""
+        misses = list({id(e): e for e in entries if not e.written}.values())
+        if misses:
+            self.pool.write(self.params, misses, self.serve.encode_batch)
+        return misses
+
+    def prefill(self, prompts: list[list[int]], entries: list[list[Entry]], seeds, temperature, top_p):
+        """Prefill prompts reading their entries' pages, padded to an admission bucket -> prefix (KVCache,
+        CrossContext or None, first tokens [B], key data [B, 2], as `slots.prefill_rows`); rows past len(prompts)
+        are padding. seeds: uint32 per prompt (each request's own PRNG stream)."""
+        n, s = len(prompts), self.serve
+        b = bucket_for(n, self.admit_buckets, error=RequestError)
+        t = bucket_for(max(len(p) for p in prompts), self.prompt_buckets, error=RequestError)
+        prompt = np.zeros((b, t), np.int32)
+        lengths = np.ones((b,), np.int32)
+        for row, p in enumerate(prompts):
+            prompt[row, :len(p)] = p
+            lengths[row] = len(p)
+        key_data = request_key_data(_pad_rows(seeds, b, 0, np.uint32))
+        temp, top = _pad_rows(temperature, b, 0.0, np.float32), _pad_rows(top_p, b, 1.0, np.float32)
+        static = dict(cfg=self.cfg.model, slots=self._kv_slots, dtype=self.dtype)
+        if not self._slot_context:
+            return prefill_rows(self.params, None, None, None, None, prompt, lengths, key_data, temp, top, **static)
+        context = max(1, max(sum(len(x.pages) for x in row) for row in entries) * s.page_tokens)
+        table, mask = self.pool.page_table(list(entries) + [[]] * (b - n),
+                                           bucket_for(context, self.context_buckets, error=RequestError))
+        return prefill_rows(self.params, self.pool.k, self.pool.v, table, mask, prompt, lengths, key_data, temp, top,
+                            **static)
+
+    def prefill_prefix(self, prompts: list[list[int]], seeds, temperature, top_p):
+        """Mode prefix: `PrefixCache.prefill` on an admission bucket -> (prefix as `prefill`, one plan per prompt:
+        its reused and prefilled pages)."""
+        b = bucket_for(len(prompts), self.admit_buckets, error=RequestError)
+        return self.prefix.prefill(self.params, prompts, request_key_data(_pad_rows(seeds, b, 0, np.uint32)),
+                                   _pad_rows(temperature, b, 0.0, np.float32), _pad_rows(top_p, b, 1.0, np.float32),
+                                   slots=self._kv_slots, cfg=self.cfg.model, dtype=self.dtype)
+
+    def insert(self, state: SlotState, slot_ids: list[int], prefix, temperature, top_p) -> SlotState:
+        """`state` with the prefilled requests in rows `slot_ids` (the prefix's padding rows, and rows past
+        len(slot_ids), are dropped); temperature, top_p per inserted request. Donates `state`."""
+        kv, ctx, first, key_data = prefix
+        b = first.shape[0]
+        return insert_rows(state, _pad_rows(slot_ids, b, self.slots, np.int32), kv, ctx, first, key_data,
+                           _pad_rows(temperature, b, 0.0, np.float32), _pad_rows(top_p, b, 1.0, np.float32))
+
+    def generate(self, state: SlotState, active) -> tuple[SlotState, jax.Array]:
+        """One decode step of every active slot (active [S] bool) -> (state, next token [S]). Donates `state`."""
+        return decode_step(self.params, state, active, cfg=self.cfg.model, dtype=self.dtype)
+
+    def warmup_encoder(self):
+        """Compile the chunk processor per chunk bucket (mode comb), writing nothing (every page dropped)."""
+        if self.mode != "comb":
+            return
+        s = self.serve
+        for length in s.chunk_buckets:
+            tokens = np.zeros((s.encode_batch, length), np.int32)
+            drop = np.full((s.encode_batch, length // s.page_tokens), self.pool.num_pages, np.int32)
+            self.pool.k, self.pool.v = write_chunks(self.params, self.pool.k, self.pool.v, tokens,
+                                                    tokens.astype(bool), drop, cfg=self.cfg.model, dtype=self.dtype)
+
+    def warmup_slots(self, state: SlotState) -> SlotState:
+        """Compile `prefill` (mode prefix: `prefill_prefix`) per admission x prompt x context bucket, `insert` per
+        batch and context bucket, and `generate`; the slots keep their state (every inserted row is dropped, no
+        slot is active)."""
+        page = self.serve.page_tokens
+        for b in self.admit_buckets:
+            if self.mode == "prefix":  # per batch x prompt x reused-page bucket, inside `PrefixCache.warmup`
+                prefix = self.prefix.warmup(self.params, request_key_data(np.zeros((b,), np.uint32)),
+                                            np.zeros((b,), np.float32), np.ones((b,), np.float32),
+                                            slots=self._kv_slots, cfg=self.cfg.model, dtype=self.dtype)
+                # twice: the first insert may see the state as `init_slots` made it, later ones as a jit returns it
+                for _ in range(2):
+                    state = self.insert(state, [], prefix, [], [])
+                continue
+            for t in self.prompt_buckets:
+                for c in (self.context_buckets if self._slot_context else (0,)):
+                    fake = [Entry((0,) * c, [0] * (c // page), written=True)] if c else []  # masked page 0
+                    prefix = self.prefill([[0] * t] * b, [fake] * b, [np.uint32(0)] * b, [0.0] * b, [1.0] * b)
+                    state = self.insert(state, [], prefix, [], [])
+        state, nxt = self.generate(state, np.zeros(self.slots, bool))
+        np.asarray(nxt)
+        return state
 
     # -- batches ------------------------------------------------------------------------------------------
 
@@ -222,7 +381,7 @@ class Engine:
         pending = collections.deque()
         for r in requests:
             try:
-                self._check(r)
+                self.check(r)
                 pending.append(r)
             except RequestError as e:
                 results[r.id].error = str(e)
@@ -263,9 +422,7 @@ class Engine:
             return self._run_prefix_batch(batch, results, start)
         s = self.serve
         b = s.max_batch
-        misses = {id(e): e for row in entries for e in row if not e.written}
-        if misses:
-            self.pool.write(self.params, list(misses.values()), s.encode_batch)
+        self.encode([e for row in entries for e in row])
 
         t = bucket_for(max(len(r.prompt_ids) for r in batch), self.prompt_buckets, error=RequestError)
         prompt = np.zeros((b, t), np.int32)
@@ -340,13 +497,7 @@ class Engine:
         s, b = self.serve, self.serve.max_batch
         if self.mode == "prefix":
             return self._warmup_prefix()
-        if self.mode == "comb":
-            for length in s.chunk_buckets:
-                tokens = np.zeros((s.encode_batch, length), np.int32)
-                drop = np.full((s.encode_batch, length // s.page_tokens), self.pool.num_pages, np.int32)
-                self.pool.k, self.pool.v = write_chunks(self.params, self.pool.k, self.pool.v, tokens,
-                                                        tokens.astype(bool), drop, cfg=self.cfg.model,
-                                                        dtype=self.dtype)
+        self.warmup_encoder()
         contexts = [0] + (list(self.context_buckets) if self.mode == "comb" else [])
         for t in self.prompt_buckets:
             for c in contexts:

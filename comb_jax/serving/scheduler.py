@@ -4,17 +4,19 @@ One loop, one thread (every JAX call happens here, so the pool's donated buffers
 1. run queued tasks (document uploads, listings, unpins: they touch the pool too);
 2. admit, batched: take every waiting request (oldest first) that has a free slot and whose documents fit the
    pool, acquire their PICaches (device pool hit, else promoted from the host or disk tier, else reserved),
-   encode all their misses together (`pool.write`, then written through to disk), prefill them in one bucketed
-   call (`slots.prefill_rows`, batch bucket `admit_buckets`: powers of two up to the slot count) and
-   `insert_rows` them into their slots;
-3. one `decode_step` for all slots; each active slot checks its own stop ids, stop strings and token budget,
-   streams its new text, and leaves at once when done (its pages are released).
-Shapes never change after `warmup()`: prompts and contexts are bucketed as in the batch engine, the slot state
-is fixed, and page moves between tiers use fixed page counts (see `store.read_entry`).
+   encode all their misses together (`Engine.encode`, then written through to disk), prefill them in one
+   bucketed call (`Engine.prefill`, batch bucket `Engine.admit_buckets`: powers of two up to the slot count) and
+   `Engine.insert` them into their slots;
+3. one `Engine.generate` step for all slots; each active slot checks its own stop ids, stop strings and token
+   budget, streams its new text, and leaves at once when done (its pages are released).
+The engine is used only through its scheduler interface (see `Engine`'s docstring). Shapes never change after
+`warmup()`: prompts and contexts are bucketed as in the batch engine, the slot state is fixed, and page moves
+between tiers use fixed page counts (see `store.read_entry`).
 
 Mode prefix (`serving.prefix`) goes through the same batched admission with no documents: step 2's prefill is
-`PrefixCache.prefill`, which reads each prompt's longest cached prefix (backbone KV pages), prefills the rest in
-one bucketed call and caches the new whole pages; no pages stay held while a request decodes.
+`Engine.prefill_prefix` (`PrefixCache.prefill`), which reads each prompt's longest cached prefix (backbone KV
+pages), prefills the rest in one bucketed call and caches the new whole pages; no pages stay held while a request
+decodes.
 """
 
 from __future__ import annotations
@@ -31,14 +33,12 @@ from typing import Callable
 import jax
 import numpy as np
 
-from comb_jax.model.buckets import bucket_for
 from comb_jax.serving.engine import Engine, Request
 from comb_jax.serving.limits import DEFAULT_MAX_QUEUE, QueueFull
 from comb_jax.serving.metrics import TIERS, ServerMetrics
 from comb_jax.serving.names import DocumentIndex, is_content_id
-from comb_jax.serving.pool import Entry, PoolFullError, RequestError, write_chunks
+from comb_jax.serving.pool import Entry, PoolFullError, RequestError
 from comb_jax.serving.protocol import APIError, Document, Generation
-from comb_jax.serving.slots import decode_step, init_slots, insert_rows, prefill_rows
 from comb_jax.serving.store import (
     PICacheStore,
     entry_key,
@@ -54,23 +54,6 @@ from comb_jax.serving.store import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@jax.jit
-def request_key(seed):
-    """uint32 seed -> typed PRNG key (jitted: one compile, whatever the seed)."""
-    return jax.random.key(seed)
-
-
-@jax.jit
-def request_key_data(seeds):
-    """uint32 seeds [B] -> each one's PRNG key data [B, 2] (one compile per batch bucket)."""
-    return jax.vmap(lambda seed: jax.random.key_data(jax.random.key(seed)))(seeds)
-
-
-def admit_buckets(slots: int) -> tuple[int, ...]:
-    """Batch sizes of an admission prefill: powers of two below the slot count, and the slot count."""
-    return tuple(sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots}))
 
 
 @dataclass
@@ -107,7 +90,7 @@ class DocumentRecord:
 
 
 class Scheduler:
-    """Continuous batching over `engine.serve.max_batch` slots. when_full: "reject" (429 when the pool is full of
+    """Continuous batching over `engine.slots` decode slots. when_full: "reject" (429 when the pool is full of
     pinned pages) or "wait" (queue up to `full_wait_s` for pins to expire or be deleted, then 429). At most
     `max_queue` requests wait for a slot; one more gets 429 with Retry-After."""
 
@@ -121,14 +104,9 @@ class Scheduler:
         self.engine, self.codec, self.store, self.pool = engine, codec, store, engine.pool
         self.when_full, self.full_wait_s = when_full, full_wait_s
         self.metrics = metrics or ServerMetrics()
-        s = engine.serve
-        self.slots = s.max_batch
-        self.admit_buckets = admit_buckets(self.slots)
+        self.slots = engine.slots
         self.admissions: list[int] = []  # requests per admission prefill call, in order (for tests and benches)
-        self.kv_slots = max(engine.prompt_buckets) + s.max_new_tokens
-        self.context_tokens = max(engine.context_buckets) if engine.mode == "comb" else 0
-        self.model_cfg = engine.cfg.model
-        self.state = init_slots(self.model_cfg, self.slots, self.kv_slots, self.context_tokens, engine.dtype)
+        self.state = engine.init_decode_state()
         self.active = np.zeros(self.slots, bool)
         self.slot_jobs: list[Job | None] = [None] * self.slots
         self.waiting: deque[Job] = deque()
@@ -150,7 +128,7 @@ class Scheduler:
         if store is not None:
             self.pool.on_evict = lambda entry: store.spill(entry.ids, read_entry(self.pool, entry))
             for key, ids in store.disk_entries():  # documents a previous process encoded
-                self._register(Document(self._document_ids(ids)), key)
+                self._register(Document(self.engine.document_ids(ids)), key)
         self._load_index()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -193,12 +171,6 @@ class Scheduler:
     def entry_ids(self, doc_ids: list[int]) -> tuple[int, ...]:
         """A single document's pool entry ids (with BOS first when the model encodes chunks that way)."""
         return tuple(self.engine.context_entries(Request("doc", [0], [doc_ids]))[0])
-
-    def _document_ids(self, entry_ids) -> list[int]:
-        ids = list(entry_ids)
-        if self.model_cfg.context_bos and ids and ids[0] == self.engine.bos_id:
-            ids = ids[1:]
-        return ids
 
     def document_id(self, doc_ids: list[int]) -> str:
         return "doc-" + entry_key(self.fingerprint, self.entry_ids(doc_ids))[:32]
@@ -348,7 +320,7 @@ class Scheduler:
 
     def check_upload(self, docs: list[Document]):
         """413 when an upload's documents together need more pages than the whole pool (429 is for "not now")."""
-        pages = sum(self.pool.pages_for(len(ids)) for ids in {self.entry_ids(d.ids) for d in docs})
+        pages = self.engine.entry_pages([self.entry_ids(d.ids) for d in docs])
         if pages > self.pool.num_pages:
             raise APIError(413, f"'documents' need {pages} pool pages together but the whole PICache pool has "
                                 f"{self.pool.num_pages}: this upload can never fit; send fewer documents at once",
@@ -356,8 +328,8 @@ class Scheduler:
 
     def check(self, gen: Generation, prompt_field: str):
         """APIError (400 naming the field, or 413) when the request can never be served."""
-        e, s = self.engine, self.engine.serve
-        top = max(e.prompt_buckets)
+        e = self.engine
+        top = e.max_prompt_tokens
         if len(gen.prompt_ids) > top:
             status = 413 if gen.inline_document_tokens else 400
             raise APIError(status, f"'{prompt_field}': the prompt has {len(gen.prompt_ids)} tokens"
@@ -368,23 +340,22 @@ class Scheduler:
         entries = e.context_entries(request)
         whole = len(entries) == 1 and len(gen.documents) > 1
         for i, ids in enumerate(entries):
-            if len(ids) > s.max_chunk_tokens:
+            if len(ids) > e.max_entry_tokens:
                 where = "documents" if whole else f"documents[{i}]"
                 raise APIError(400, f"'{where}' has {len(ids)} tokens; a document may have at most "
-                                    f"{s.max_chunk_tokens} (serve.max_chunk_tokens)", param=where,
+                                    f"{e.max_entry_tokens} (serve.max_chunk_tokens)", param=where,
                                code="document_too_long")
-        pages = sum(self.pool.pages_for(len(ids)) for ids in {tuple(ids) for ids in entries})
+        pages = e.entry_pages(entries)
         if pages > self.pool.num_pages:
             raise APIError(413, f"'documents' need {pages} pool pages but the whole PICache pool has "
                                 f"{self.pool.num_pages}: this request can never fit", param="documents",
                            code="context_too_large")
-        context = sum(self.pool.pages_for(len(ids)) for ids in entries) * s.page_tokens
-        limit = min(s.max_context_tokens, max(e.context_buckets))
+        context, limit = e.context_tokens(entries), e.max_context_tokens
         if context > limit:
             raise APIError(413, f"'documents' make a context of {context} page-rounded tokens; this server reads at "
                                 f"most {limit} per request", param="documents", code="context_too_large")
         try:
-            e._check(request)  # the batch engine's own checks (vocabulary, budgets): a backstop
+            e.check(request)  # the batch engine's own checks (vocabulary, budgets): a backstop
         except RequestError as err:
             raise APIError(400, str(err)) from None
 
@@ -542,10 +513,7 @@ class Scheduler:
         self.pool.record(sum(t == "device" for t in tiers), sum(t != "device" for t in tiers))
 
     def _encode_misses(self, entries: list[Entry]):
-        misses = list({id(e): e for e in entries if not e.written}.values())
-        if not misses:
-            return
-        self.pool.write(self.engine.params, misses, self.engine.serve.encode_batch)
+        misses = self.engine.encode(entries)
         if self.store is not None:
             for e in misses:  # written through, so the next process finds them
                 self.store.persist(e.ids, read_entry(self.pool, e))
@@ -559,64 +527,27 @@ class Scheduler:
         if gen.seed is not None:
             return np.uint32(gen.seed % (1 << 32))
         self.seed_counter += 1
-        return np.uint32((self.engine.serve.seed * 1_000_003 + self.seed_counter) % (1 << 32))
-
-    def _prefill(self, prompts: list[list[int]], entries: list[list[Entry]], seeds, temperature, top_p):
-        """Prefill prompts reading their entries' pages, padded to a batch bucket -> (KVCache, CrossContext or None,
-        first tokens [B], key data [B, 2]); rows past len(prompts) are padding."""
-        e, s = self.engine, self.engine.serve
-        n = len(prompts)
-        b = bucket_for(n, self.admit_buckets, error=RequestError)
-        t = bucket_for(max(len(p) for p in prompts), e.prompt_buckets, error=RequestError)
-        prompt = np.zeros((b, t), np.int32)
-        lengths = np.ones((b,), np.int32)
-        for row, p in enumerate(prompts):
-            prompt[row, :len(p)] = p
-            lengths[row] = len(p)
-        pad = lambda xs, fill, dtype: np.array(list(xs) + [fill] * (b - n), dtype)
-        key_data = request_key_data(pad(seeds, 0, np.uint32))
-        temp, top = pad(temperature, 0.0, np.float32), pad(top_p, 1.0, np.float32)
-        static = dict(cfg=self.model_cfg, slots=self.kv_slots, dtype=e.dtype)
-        if not self.context_tokens:
-            return prefill_rows(e.params, None, None, None, None, prompt, lengths, key_data, temp, top, **static)
-        context = max(1, max(sum(len(x.pages) for x in row) for row in entries) * s.page_tokens)
-        table, mask = self.pool.page_table(list(entries) + [[]] * (b - n),
-                                           bucket_for(context, e.context_buckets, error=RequestError))
-        return prefill_rows(e.params, self.pool.k, self.pool.v, table, mask, prompt, lengths, key_data, temp, top,
-                            **static)
+        return np.uint32((self.engine.seed * 1_000_003 + self.seed_counter) % (1 << 32))
 
     def _prefill_prefix(self, jobs: list[Job], seeds, temperature, top_p):
-        """Mode prefix: `PrefixCache.prefill` on a batch bucket; counts each prompt's reused and prefilled pages."""
-        e, n = self.engine, len(jobs)
-        b = bucket_for(n, self.admit_buckets, error=RequestError)
-        pad = lambda xs, fill, dtype: np.array(list(xs) + [fill] * (b - n), dtype)  # noqa: E731
-        out, plans = e.prefix.prefill(e.params, [job.gen.prompt_ids for job in jobs],
-                                      request_key_data(pad(seeds, 0, np.uint32)), pad(temperature, 0.0, np.float32),
-                                      pad(top_p, 1.0, np.float32), slots=self.kv_slots, cfg=self.model_cfg,
-                                      dtype=e.dtype)
+        """Mode prefix: `Engine.prefill_prefix`; counts each prompt's reused and prefilled pages."""
+        prefix, plans = self.engine.prefill_prefix([job.gen.prompt_ids for job in jobs], seeds, temperature, top_p)
         for job, plan in zip(jobs, plans):
             job.cached_prompt_tokens = plan.reused_tokens
             self.metrics.prefix_prompt(plan.length, plan.reused_tokens, plan.hits, plan.misses)
             self.pool.record(plan.hits, plan.misses)
-        return out
-
-    def _insert(self, slot_ids: list[int], out, temperature, top_p):
-        kv, ctx, first, key_data = out
-        b = first.shape[0]
-        pad = lambda xs, fill, dtype: np.array(list(xs) + [fill] * (b - len(xs)), dtype)
-        self.state = insert_rows(self.state, pad(slot_ids, self.slots, np.int32), kv, ctx, first, key_data,
-                                 pad(temperature, 0.0, np.float32), pad(top_p, 1.0, np.float32))
-        return first
+        return prefix
 
     def _prefill_into(self, jobs: list[Job], slot_ids: list[int]):
         gens = [job.gen for job in jobs]
         temps, tops = [g.temperature for g in gens], [g.top_p for g in gens]
+        seeds = [self._seed(g) for g in gens]
         if self.engine.mode == "prefix":
-            out = self._prefill_prefix(jobs, [self._seed(g) for g in gens], temps, tops)
+            prefix = self._prefill_prefix(jobs, seeds, temps, tops)
         else:
-            out = self._prefill([g.prompt_ids for g in gens], [job.held for job in jobs],
-                                [self._seed(g) for g in gens], temps, tops)
-        first = np.asarray(self._insert(slot_ids, out, temps, tops))
+            prefix = self.engine.prefill([g.prompt_ids for g in gens], [job.held for job in jobs], seeds, temps, tops)
+        self.state = self.engine.insert(self.state, slot_ids, prefix, temps, tops)
+        first = np.asarray(prefix[2])
         self.admissions.append(len(jobs))
         now = time.perf_counter()
         for job, slot in zip(jobs, slot_ids):
@@ -630,8 +561,7 @@ class Scheduler:
             self._advance(slot, int(first[row]))
 
     def _step(self):
-        self.state, nxt = decode_step(self.engine.params, self.state, self.active, cfg=self.model_cfg,
-                                      dtype=self.engine.dtype)
+        self.state, nxt = self.engine.generate(self.state, self.active)
         nxt = np.asarray(nxt)
         self.metrics.tokens(int(self.active.sum()))
         for slot in np.flatnonzero(self.active):
@@ -701,41 +631,11 @@ class Scheduler:
     def warmup(self):
         """Compile every shape the loop uses: the chunk processor per chunk bucket, the tier page moves, the
         prefill per prompt x context bucket, `insert` per context bucket, and the decode step."""
-        e, s, pool = self.engine, self.engine.serve, self.pool
-        if e.mode == "prefix":
-            return self._warmup_prefix()
-        if e.mode == "comb":
-            for length in s.chunk_buckets:
-                tokens = np.zeros((s.encode_batch, length), np.int32)
-                drop = np.full((s.encode_batch, length // s.page_tokens), pool.num_pages, np.int32)
-                pool.k, pool.v = write_chunks(e.params, pool.k, pool.v, tokens, tokens.astype(bool), drop,
-                                              cfg=self.model_cfg, dtype=e.dtype)
-            if self.store is not None:
-                width = max_entry_pages(pool)
-                values = gather_pages(pool_arrays(pool), np.zeros((width,), np.int32))
-                set_pool_arrays(pool, scatter_pages(pool_arrays(pool), np.full((width,), pool.num_pages, np.int32),
-                                                    jax.tree.map(np.asarray, values)))
-        contexts = e.context_buckets if self.context_tokens else (0,)
-        for b in self.admit_buckets:
-            for t in e.prompt_buckets:
-                for c in contexts:
-                    fake = [Entry((0,) * c, [0] * (c // s.page_tokens), written=True)] if c else []  # masked page 0
-                    out = self._prefill([[0] * t] * b, [fake] * b, [np.uint32(0)] * b, [0.0] * b, [1.0] * b)
-                    self._insert([], out, [], [])  # every row dropped: the slots keep their state
-        self.state, nxt = decode_step(e.params, self.state, np.zeros(self.slots, bool), cfg=self.model_cfg,
-                                      dtype=e.dtype)
-        np.asarray(nxt)
-
-    def _warmup_prefix(self):
-        """Mode prefix: `PrefixCache.prefill` per batch x prompt x reused-page bucket, `insert`, the decode step."""
-        e = self.engine
-        for b in self.admit_buckets:
-            out = e.prefix.warmup(e.params, request_key_data(np.zeros((b,), np.uint32)), np.zeros((b,), np.float32),
-                                  np.ones((b,), np.float32), slots=self.kv_slots, cfg=self.model_cfg, dtype=e.dtype)
-            # every row dropped: the slots keep their state. Twice: the first call may see the state as
-            # `init_slots` made it, every later one sees it as a jit returns it (another input type)
-            for _ in range(2):
-                self._insert([], out, [], [])
-        self.state, nxt = decode_step(e.params, self.state, np.zeros(self.slots, bool), cfg=self.model_cfg,
-                                      dtype=e.dtype)
-        np.asarray(nxt)
+        self.engine.warmup_encoder()
+        if self.engine.mode == "comb" and self.store is not None:
+            pool = self.pool
+            width = max_entry_pages(pool)
+            values = gather_pages(pool_arrays(pool), np.zeros((width,), np.int32))
+            set_pool_arrays(pool, scatter_pages(pool_arrays(pool), np.full((width,), pool.num_pages, np.int32),
+                                                jax.tree.map(np.asarray, values)))
+        self.state = self.engine.warmup_slots(self.state)

@@ -59,6 +59,17 @@ def init_slots(cfg: ModelConfig, slots: int, kv_slots: int, context_tokens: int,
                      jnp.ones((slots,), jnp.float32))
 
 
+def admit_buckets(slots: int) -> tuple[int, ...]:
+    """Batch sizes of an admission prefill: powers of two below the slot count, and the slot count."""
+    return tuple(sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots}))
+
+
+@jax.jit
+def request_key_data(seeds):
+    """uint32 seeds [B] -> each one's PRNG key data [B, 2] (one compile per batch bucket)."""
+    return jax.vmap(lambda seed: jax.random.key_data(jax.random.key(seed)))(seeds)
+
+
 def sample_rows(logits, keys, temperature, top_p):
     """`decode.sample` with one PRNG key per row, so a row's draws do not depend on the other slots.
 
