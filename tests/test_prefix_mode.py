@@ -83,7 +83,7 @@ def test_reused_kv_and_next_logits_match_full_prefill(cfg, tiny_params):
     """float32: the cache a prefix prefill leaves (reused pages + the rest prefilled at its positions) and the
     logits read from it are those of a full prefill of the whole prompt."""
     engine = Engine(cfg, tiny_params, mode="prefix")
-    slots, m = engine.prefix_slots, cfg.model
+    slots, m = engine.kv_slots, cfg.model
     keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), 2)))
     temp, top = np.zeros((2,), np.float32), np.ones((2,), np.float32)
     for name, prompt, hit_pages in SCENARIOS:

@@ -158,7 +158,6 @@ class Engine:
         self.prefix = PrefixCache(self.pool, self.prompt_buckets) if mode == "prefix" else None
         self.rng = jax.random.key(s.seed)
         self.admit_buckets = admit_buckets(self.slots)
-        self._kv_slots = self.max_prompt_tokens + s.max_new_tokens  # a slot's KV positions: prompt and answer
         self._slot_context = max(self.context_buckets) if mode == "comb" else 0  # a slot's PICache tokens
 
     @classmethod
@@ -205,6 +204,11 @@ class Engine:
     @property
     def max_prompt_tokens(self) -> int:
         return max(self.prompt_buckets)
+
+    @property
+    def kv_slots(self) -> int:
+        """A slot's KV positions: the largest prompt bucket and its answer (one decode-loop shape in every mode)."""
+        return self.max_prompt_tokens + self.serve.max_new_tokens
 
     @property
     def max_entry_tokens(self) -> int:
@@ -273,7 +277,7 @@ class Engine:
 
     def init_decode_state(self) -> SlotState:
         """Empty decode slots: `slots` rows of prompt + answer KV and (mode comb) the largest context bucket."""
-        return init_slots(self.cfg.model, self.slots, self._kv_slots, self._slot_context, self.dtype)
+        return init_slots(self.cfg.model, self.slots, self.kv_slots, self._slot_context, self.dtype)
 
     def encode(self, entries: list[Entry]) -> list[Entry]:
         """Write the pages of the entries not written yet (each once, together); returns those it wrote."""
@@ -296,7 +300,7 @@ class Engine:
             lengths[row] = len(p)
         key_data = request_key_data(_pad_rows(seeds, b, 0, np.uint32))
         temp, top = _pad_rows(temperature, b, 0.0, np.float32), _pad_rows(top_p, b, 1.0, np.float32)
-        static = dict(cfg=self.cfg.model, slots=self._kv_slots, dtype=self.dtype)
+        static = dict(cfg=self.cfg.model, slots=self.kv_slots, dtype=self.dtype)
         if not self._slot_context:
             return prefill_rows(self.params, None, None, None, None, prompt, lengths, key_data, temp, top, **static)
         context = max(1, max(sum(len(x.pages) for x in row) for row in entries) * s.page_tokens)
@@ -311,7 +315,7 @@ class Engine:
         b = bucket_for(len(prompts), self.admit_buckets, error=RequestError)
         return self.prefix.prefill(self.params, prompts, request_key_data(_pad_rows(seeds, b, 0, np.uint32)),
                                    _pad_rows(temperature, b, 0.0, np.float32), _pad_rows(top_p, b, 1.0, np.float32),
-                                   slots=self._kv_slots, cfg=self.cfg.model, dtype=self.dtype)
+                                   slots=self.kv_slots, cfg=self.cfg.model, dtype=self.dtype)
 
     def insert(self, state: SlotState, slot_ids: list[int], prefix, temperature, top_p) -> SlotState:
         """`state` with the prefilled requests in rows `slot_ids` (the prefix's padding rows, and rows past
@@ -345,7 +349,7 @@ class Engine:
             if self.mode == "prefix":  # per batch x prompt x reused-page bucket, inside `PrefixCache.warmup`
                 prefix = self.prefix.warmup(self.params, request_key_data(np.zeros((b,), np.uint32)),
                                             np.zeros((b,), np.float32), np.ones((b,), np.float32),
-                                            slots=self._kv_slots, cfg=self.cfg.model, dtype=self.dtype)
+                                            slots=self.kv_slots, cfg=self.cfg.model, dtype=self.dtype)
                 # twice: the first insert may see the state as `init_slots` made it, later ones as a jit returns it
                 for _ in range(2):
                     state = self.insert(state, [], prefix, [], [])
@@ -463,11 +467,6 @@ class Engine:
             res = results[r.id]
             res.tokens, res.ttft_s = out, ttft
 
-    @property
-    def prefix_slots(self) -> int:
-        """KV slots of a prefix-mode row: the largest prompt and its answer (one decode loop shape)."""
-        return max(self.prompt_buckets) + self.serve.max_new_tokens
-
     def _run_prefix_batch(self, batch: list[Request], results: dict, start: float):
         """Mode prefix: `PrefixCache.prefill` (each row its own PRNG stream, split from the engine's), then the
         decode loop. Each row's page hits and misses go to its Result (`run` counts them once served)."""
@@ -481,7 +480,7 @@ class Engine:
         self.rng, key, rows = jax.random.split(self.rng, 3)
         (kv, _, first, _), plans = self.prefix.prefill(
             self.params, [r.prompt_ids for r in batch], jax.random.key_data(jax.random.split(rows, b)), temperature,
-            top_p, slots=self.prefix_slots, cfg=self.cfg.model, dtype=self.dtype)
+            top_p, slots=self.kv_slots, cfg=self.cfg.model, dtype=self.dtype)
         first.block_until_ready()
         ttft = time.perf_counter() - start
         for r, plan in zip(batch, plans):
@@ -512,7 +511,7 @@ class Engine:
         """Mode prefix: the prefill per prompt x reused-page bucket, then one short batch for the decode loop."""
         b = self.serve.max_batch
         self.prefix.warmup(self.params, jax.random.key_data(jax.random.split(jax.random.key(0), b)),
-                           np.zeros((b,), np.float32), np.ones((b,), np.float32), slots=self.prefix_slots,
+                           np.zeros((b,), np.float32), np.ones((b,), np.float32), slots=self.kv_slots,
                            cfg=self.cfg.model, dtype=self.dtype)
         requests = [Request("warmup", [0], max_tokens=1)]  # shorter than a page: nothing is cached
         self._run_prefix_batch(requests, {"warmup": Result("warmup")}, time.perf_counter())
