@@ -34,10 +34,10 @@ import numpy as np
 
 from comb_jax.config import ModelConfig
 from comb_jax.model.buckets import bucket_for
-from comb_jax.model.transformer import KVCache, forward, lm_logits
+from comb_jax.model.transformer import KVCache, forward
 from comb_jax.serving import quant
 from comb_jax.serving.pool import PagePool, RequestError, gather_tokens
-from comb_jax.serving.slots import prefill_rows, sample_rows
+from comb_jax.serving.slots import first_draw, prefill_rows
 
 
 @dataclass(eq=False)
@@ -275,11 +275,9 @@ def extend_rows(params, pool_k, pool_v, page_table, prefix_lengths, prompt, prom
     pad = lambda a, n: jnp.pad(a, ((0, 0), (0, 0), (0, n - a.shape[2]), (0, 0), (0, 0)))  # noqa: E731
     cache = KVCache(pad(k, window), pad(v, window), prefix_lengths.astype(jnp.int32))
     hidden, cache = forward(params, prompt, cfg, None, cache, prompt_lengths, dtype)
-    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
-    keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key_data))  # [B, 2]: next stream, draw
-    first = sample_rows(lm_logits(params, last)[:, 0], keys[:, 1], temperature, top_p)
+    first, key_data = first_draw(params, hidden, prompt_lengths, key_data, temperature, top_p)
     cache = KVCache(pad(cache.k, slots), pad(cache.v, slots), cache.lengths)
-    return cache, None, first, jax.random.key_data(keys[:, 0])
+    return cache, None, first, key_data
 
 
 @partial(jax.jit, donate_argnames=("pool_k", "pool_v"))

@@ -94,10 +94,17 @@ def prefill_rows(params, pool_k, pool_v, page_table, context_mask, prompt, promp
                             dtype)
     cache = init_kv_cache(cfg, prompt.shape[0], slots, dtype)
     hidden, cache = forward(params, prompt, cfg, ctx, cache, prompt_lengths, dtype, fresh_cache=True)
+    first, key_data = first_draw(params, hidden, prompt_lengths, key_data, temperature, top_p)
+    return cache, ctx, first, key_data
+
+
+def first_draw(params, hidden, prompt_lengths, key_data, temperature, top_p):
+    """The first answer token of each prefilled row: hidden [B, T, H] -> (token [B], key_data [B, 2] of the next
+    stream). Each row's key is split into (next stream, draw) as `decode.prefill` does."""
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
     keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key_data))  # [B, 2]: next stream, draw
     first = sample_rows(lm_logits(params, last)[:, 0], keys[:, 1], temperature, top_p)
-    return cache, ctx, first, jax.random.key_data(keys[:, 0])
+    return first, jax.random.key_data(keys[:, 0])
 
 
 @partial(jax.jit, donate_argnames=("state",))
