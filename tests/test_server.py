@@ -273,7 +273,7 @@ def test_waiting_requests_admitted_in_one_prefill(server):
     together), answer as each does alone (greedy and seeded sampling), and compile nothing new."""
     jobs = [("Batch one?", DOCS[:2], 6, 0.0), ("Batch two?", [DOCS[4], "A page only this batch reads."], 9, 0.0),
             ("Batch three?", [], 4, 0.0), ("Batch four?", [DOCS[1], "A page only this batch reads."], 7, 1.0)]
-    server.chat("Warm?", DOCS[:1], max_tokens=2)
+    server.chat("Warm?", [DOCS[0], DOCS[1], DOCS[4]], max_tokens=2)  # only the new page is a miss below
     sched = server.scheduler
     hold, held = threading.Event(), threading.Event()
     sched.call(lambda: (held.set(), hold.wait(30)))  # keep the scheduler busy while the requests queue up
@@ -286,11 +286,12 @@ def test_waiting_requests_admitted_in_one_prefill(server):
         together[i] = server.chat(q, d, max_tokens=n, temperature=t, seed=5)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
     deadline = time.monotonic() + 30
-    while len(sched.waiting) < len(jobs) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    for n, t in enumerate(threads, 1):  # one at a time: the first to arrive is charged a shared miss
+        t.start()
+        while len(sched.waiting) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert len(sched.waiting) == len(jobs)
     hold.set()
     for t in threads:
         t.join()
