@@ -111,6 +111,13 @@ def allgather(value) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(value))
 
 
+def host_copy(tree):
+    """Numpy copies of a tree of global arrays, whole on every process (every process must call it)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def allgather_json(value) -> list:
     """Every process's JSON-able `value` (e.g. a data iterator state), in process order."""
     if jax.process_count() == 1:
@@ -123,4 +130,4 @@ def allgather_json(value) -> list:
 
 
 __all__ = ["add_arguments", "initialize", "initialize_from", "process_count", "process_index", "is_primary",
-           "barrier", "broadcast", "allgather", "allgather_json"]
+           "barrier", "broadcast", "allgather", "host_copy", "allgather_json"]

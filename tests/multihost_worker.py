@@ -11,7 +11,6 @@ import sys
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from train_helpers import checkpointed_run_cfg, toy_examples
 
 from comb_jax import distributed
@@ -47,9 +46,7 @@ def main(args: dict) -> None:
     with open(f"{args['out']}.process{jax.process_index()}.json", "w") as f:
         json.dump({"start_step": summary["start_step"], "rows": [rows.start, rows.stop],
                    "epoch_indices": [epoch[i].tolist() for i in range(NUM_EXAMPLES // tc.batch_size)]}, f)
-    comb = summary["state"].comb
-    comb = (multihost_utils.process_allgather(comb, tiled=True) if jax.process_count() > 1
-            else jax.device_get(comb))
+    comb = distributed.host_copy(summary["state"].comb)
     if distributed.is_primary():
         flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
                 for path, v in jax.tree_util.tree_flatten_with_path(comb)[0]}

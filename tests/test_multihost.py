@@ -304,3 +304,63 @@ def test_dry_run_compiles_on_a_two_process_mesh(tmp_path):
     assert outs[1][0].strip() == ""  # the primary reports
     assert (report["processes"], report["devices"], report["mesh"]) == (2, 4, {"data": 2, "fsdp": 2, "tensor": 1})
     assert report["per_device_memory_gib"]["arguments"] > 0
+
+
+def run_weight_processes(tmp_path: Path, weights: Path, num_processes: int) -> list[dict]:
+    """tests/multihost_weights_worker.py in `num_processes` processes over 4 CPU devices; each one's report."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // num_processes}",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
+    out, port = tmp_path / f"weights{num_processes}", free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER.with_name("multihost_weights_worker.py")), json.dumps(
+                 dict(process_id=i, num_processes=num_processes, port=port, weights=str(weights), out=str(out)))],
+                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(num_processes)]
+    try:
+        logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n" + "\n".join(logs)[-6000:]
+    return [json.loads(Path(f"{out}.process{i}.json").read_text()) for i in range(num_processes)]
+
+
+def test_each_process_reads_only_its_blocks_of_the_backbone(tmp_path):
+    """A Hugging Face backbone read by 2 processes x 2 devices (fsdp 2, tensor 2): each process reads well under the
+    whole file and holds exactly the whole file's blocks; the fingerprint (from what each process holds) equals the
+    one of the whole backbone on one host; teacher answers from the sharded backbone (every process runs every
+    batch) and from host copies (each process its share) equal one process's."""
+    import jax
+
+    from comb_jax.config import load_config
+    from comb_jax.model.layout import init_params, model_layout
+    from comb_jax.weights.release import export_llama
+
+    cfg = load_config("tiny_comb")
+    params = init_params(model_layout(cfg.model), jax.random.key(7))
+    export_llama(cfg.model, params, tmp_path / "llama")
+    one, = run_weight_processes(tmp_path, tmp_path / "llama", 1)
+    two = run_weight_processes(tmp_path, tmp_path / "llama", 2)
+    assert one["host_copy"] and not any(p["host_copy"] for p in two)
+    for p in two:
+        assert p["mismatched"] == []
+        assert p["read"] < 0.7 * p["total"], f"a process read {p['read']} of {p['total']} elements"
+        assert p["fingerprint_sharded"] == p["fingerprint_whole"] == one["fingerprint_whole"]
+        assert p["answers_sharded"] == p["answers_host"] == one["answers_host"]
+    assert two[0]["read"] + two[1]["read"] >= two[0]["total"]  # together they read all of it
+
+
+def test_kv_packet_trains_on_two_processes_like_one(tmp_path):
+    """objective=kvpacket on 2 processes x 2 devices: the losses and the trailer of 1 process x 4 devices, and the
+    adapter file the eval and serving load is written (by process 0) with the gathered trailer."""
+    from safetensors.numpy import load_file
+
+    kv = LR + ["objective=kvpacket", "kvpacket_tokens=3", "targets=gold"]
+    one = run_processes(tmp_path, "kv1", 1, 4, run_dir=str(tmp_path / "run1"), overrides=kv, steps=2)
+    two = run_processes(tmp_path, "kv2", 2, 2, run_dir=str(tmp_path / "run2"), overrides=kv, steps=2)
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
+    np.testing.assert_allclose(two["params"]["trailer"], one["params"]["trailer"], atol=1e-6)
+    adapter = load_file(str(tmp_path / "run2" / "adapter.safetensors"))["trailer"]
+    np.testing.assert_array_equal(adapter, two["params"]["trailer"])

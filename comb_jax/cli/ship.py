@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from comb_jax.config import load_config
-from comb_jax.training.data import backbone_fingerprint
+from comb_jax.weights.fingerprint import tree_fingerprint
 from comb_jax.weights.resolve import load_backbone
 from comb_jax.weights.run_dir import restore_comb_params
 from comb_jax.weights.shipped import SHIPPED_ROOT, WEIGHTS_FILE, save_shipped
@@ -29,5 +29,5 @@ def main(argv=None):
     comb = restore_comb_params(args.checkpoint, cfg)
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else {}
     out = save_shipped(comb, cfg, SHIPPED_ROOT / cfg.name, command=args.command, metrics=metrics,
-                       backbone_fingerprint=backbone_fingerprint(load_backbone(cfg)), source=args.checkpoint)
+                       backbone_fingerprint=tree_fingerprint(load_backbone(cfg)), source=args.checkpoint)
     print(f"shipped {out} ({(out / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")

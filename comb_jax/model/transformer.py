@@ -9,7 +9,8 @@ E cross layers, N decoder layers, H heads, K KV heads, D head_dim, M KV-cache sl
 - `lm_logits`: hidden states -> logits.
 
 The decoder runs as E groups of [stride - 1 decoder layers, cross block k, 1 decoder layer], so cross
-block k sits before layer c_k = (k + 1) * stride - 1, and the whole stack is two nested scans.
+block k sits before layer c_k = (k + 1) * stride - 1: group 0, then a scan over the other groups, each a scan over
+its layers.
 
 Attention runs as `cfg.attention_impl` says (see `attention`): the einsum reference, or jax.nn.dot_product_attention
 with XLA or cuDNN flash attention. Each caller gives the dense mask (the meaning) and, where it has one, its
@@ -254,6 +255,8 @@ def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: boo
     x = embed[tokens].astype(dtype)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(cfg, positions)
+    if cfg.encoder_input_layer:  # the backbone's own first layers over the chunk alone (right padding: causal is exact)
+        x = backbone_layers(params["backbone"], x, cfg, cos, sin, cfg.encoder_input_layer, dtype)
     attn_mask = jnp.broadcast_to(mask[:, None, :], (tokens.shape[0], tokens.shape[1], tokens.shape[1]))
 
     kv_lengths = mask.sum(-1)
@@ -269,6 +272,15 @@ def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: boo
         body = jax.checkpoint(body)
     _, (k, v) = jax.lax.scan(body, x, (enc["layers"], enc["k_proj"], enc["v_proj"]))
     return PICache(k, v, mask.astype(bool))
+
+
+def backbone_layers(backbone, x, cfg: ModelConfig, cos, sin, count: int, dtype):
+    """The backbone's first `count` layers, causal, no cache: x [B, T, embed] -> [B, T, embed]."""
+    layers = cast(jax.tree.map(lambda a: a[:count], backbone["layers"]), dtype)
+    b, t = x.shape[:2]
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    step = lambda x, layer: (block(x, layer, cfg, cos, sin, mask, causal=True)[0], None)
+    return jax.lax.scan(step, x, layers)[0]
 
 
 def concat_picaches(caches: list[PICache]) -> PICache:
@@ -348,32 +360,36 @@ def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps
     index = jnp.arange(cfg.num_layers)
     cache = None if kv_cache is None else (kv_cache.k, kv_cache.v)
 
-    tapped = None
-    if picache is None and not taps:
-        (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (layers, index))
+    # one structure with or without a PICache, so that a row without context is the backbone bit for bit
+    e, s = cfg.num_cross_layers, cfg.cross_stride
+    grouped = jax.tree.map(lambda a: a.reshape(e, s, *a.shape[1:]), (layers, index))
+    if picache is None:
+        cross = ctx = None
+        per_group = (grouped,)
     else:
-        e, s = cfg.num_cross_layers, cfg.cross_stride
-        grouped = jax.tree.map(lambda a: a.reshape(e, s, *a.shape[1:]), (layers, index))
-        if picache is None:
-            cross = ctx = None
-            per_group = (grouped,)
-        else:
-            cross = cast(params["comb"]["cross"], dtype)
-            ctx = cross_context(params, picache, cfg, dtype)
-            per_group = (grouped, cross, ctx.k, ctx.v)
+        cross = cast(params["comb"]["cross"], dtype)
+        ctx = cross_context(params, picache, cfg, dtype)
+        per_group = (grouped, cross, ctx.k, ctx.v)
 
-        def group_step(carry, xs):
-            group = xs[0]
-            head = jax.tree.map(lambda a: a[: s - 1], group)
-            tail = jax.tree.map(lambda a: a[s - 1], group)
-            carry, _ = jax.lax.scan(layer_step, carry, head)
-            x, cache = carry
-            if ctx is not None:
-                x = cross_block(x, xs[1], cfg, xs[2], xs[3], ctx.mask)
-            carry, _ = layer_step((x, cache), tail)
-            return carry, (x if taps else None)
+    def group_step(carry, xs):
+        group = xs[0]
+        head = jax.tree.map(lambda a: a[: s - 1], group)
+        tail = jax.tree.map(lambda a: a[s - 1], group)
+        carry, _ = jax.lax.scan(layer_step, carry, head)
+        x, cache = carry
+        if ctx is not None:
+            x = cross_block(x, xs[1], cfg, xs[2], xs[3], ctx.mask)
+        carry, _ = layer_step((x, cache), tail)
+        return carry, (x if taps else None)
 
-        (x, cache), tapped = jax.lax.scan(group_step, (x, cache), per_group)
+    # group 0 outside the scan: its first c_0 layers read no trainable weight, so training differentiates
+    # nothing below the first cross block (in a scan the carry would take them into the backward pass)
+    carry, first = group_step((x, cache), jax.tree.map(lambda a: a[0], per_group))
+    tapped = None if first is None else first[None]
+    if e > 1:
+        carry, rest = jax.lax.scan(group_step, carry, jax.tree.map(lambda a: a[1:], per_group))
+        tapped = None if rest is None else jnp.concatenate([tapped, rest])
+    x, cache = carry
 
     x = rms_norm(x, bb["final_norm"], cfg.rms_eps).astype(dtype)
     new_cache = None

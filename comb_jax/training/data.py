@@ -25,15 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from comb_jax import distributed
 from comb_jax.errors import DataError
 from comb_jax.model.buckets import bucket_for
 from comb_jax.model.decode import generate
-from comb_jax.model.layout import flatten_names
 from comb_jax.text.codec import Codec
 from comb_jax.text.prompt import PROMPT_FORMAT
 from comb_jax.training.needles import READING_SETS, reading_set
+from comb_jax.weights.fingerprint import tree_fingerprint
 
 NO_ANSWER = "No information is provided in the context."
 SUMMARY_INSTRUCTION = "Summarize the documents above in one sentence."
@@ -215,16 +218,6 @@ def run_examples(tc, data_dir: str | Path, split: str) -> list[Example]:
 # Self-distillation targets
 
 
-def backbone_fingerprint(backbone) -> str:
-    """sha256 over every backbone array (names, shapes, bytes): identifies the weights the teacher used."""
-    h = hashlib.sha256()
-    for name, leaf in sorted(flatten_names(backbone).items()):
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{name}:{arr.shape}:{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
 def teacher_provenance(cfg, codec: Codec, fingerprint: str, examples: list[Example]) -> dict:
     ids = hashlib.sha256("\n".join(e.id + "\t" + "\x1f".join(e.chunks) + "\t" + e.question
                                    for e in examples).encode()).hexdigest()
@@ -242,24 +235,30 @@ def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_pa
     The cache file's first line holds the provenance; a file with other provenance is regenerated.
     """
     cache_path = epath.Path(cache_path)  # local, or in the run dir's bucket (gs://...)
-    provenance = teacher_provenance(cfg, codec, backbone_fingerprint(params["backbone"]), examples)
+    provenance = teacher_provenance(cfg, codec, tree_fingerprint(params["backbone"]), examples)
     if cache_path.is_file():
         lines = cache_path.read_text().splitlines()
         if lines and json.loads(lines[0]).get("provenance") == provenance:
             answers = {row["id"]: row["answer"] for row in map(json.loads, lines[1:])}
             if all(e.id in answers for e in examples):
                 return [dataclasses.replace(e, answer=answers[e.id]) for e in examples]
-    if jax.process_count() > 1:
-        raise DataError(f"{cache_path} has no teacher answers for these examples and weights; generating them across "
-                        "processes is not supported yet: run train.py once in one process (it writes the cache, "
-                        "which every process then reads)")
     batch = cfg.train.batch_size
     max_new = cfg.train.teacher_max_tokens
     prompts = [codec.teacher_prompt_ids(e.chunks, e.question) for e in examples]
     order = np.argsort([len(p) for p in prompts])  # similar lengths together: fewer padded tokens
     answers: dict[str, str] = {}
     dtype = jnp.dtype(cfg.compute_dtype)
-    for start in tqdm(range(0, len(order), batch), desc="teacher answers", disable=not progress):
+    # a host copy of the backbone: each process answers every process_count-th batch on its own devices and the
+    # answers are gathered; a backbone sharded across processes: every process runs every batch together (SPMD)
+    spmd = not all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(params["backbone"]))
+    starts = list(range(0, len(order), batch))
+    if not spmd:
+        starts = starts[distributed.process_index()::distributed.process_count()]
+    replicated = None
+    if spmd:
+        replicated = NamedSharding(jax.tree.leaves(params["backbone"])[0].sharding.mesh, PartitionSpec())
+    put = (lambda a: jnp.asarray(a)) if not spmd else (lambda a: jax.make_array_from_process_local_data(replicated, a))
+    for start in tqdm(starts, desc="teacher answers", disable=not progress):
         rows = list(order[start:start + batch])
         rows += rows[-1:] * (batch - len(rows))  # static batch: repeat the last row
         width = -(-max(len(prompts[i]) for i in rows) // 64) * 64
@@ -267,18 +266,23 @@ def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_pa
         for r, i in enumerate(rows):
             tokens[r, :len(prompts[i])] = prompts[i]
         lengths = np.array([len(prompts[i]) for i in rows], np.int32)
-        out, _ = generate(params, jnp.asarray(tokens), jnp.asarray(lengths), None, cfg.model, max_new_tokens=max_new,
+        out, _ = generate(params, put(tokens), put(lengths), None, cfg.model, max_new_tokens=max_new,
                           stop_ids=codec.stop_ids, dtype=dtype)
-        out = np.asarray(jax.device_get(out))
+        out = multihost_utils.process_allgather(out, tiled=True) if spmd else np.asarray(jax.device_get(out))
         for r, i in enumerate(rows):
             answers[examples[i].id] = codec.decode(out[r]).strip()
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps({"provenance": provenance}) + "\n")
-        for e in examples:
-            f.write(json.dumps({"id": e.id, "answer": answers[e.id]}) + "\n")
-    tmp.replace(cache_path)
+    if not spmd:
+        for part in distributed.allgather_json(answers):
+            answers.update(part)
+    if distributed.is_primary():
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            f.write(json.dumps({"provenance": provenance}) + "\n")
+            for e in examples:
+                f.write(json.dumps({"id": e.id, "answer": answers[e.id]}) + "\n")
+        tmp.replace(cache_path)
+    distributed.barrier("comb_jax.teacher_targets")
     return [dataclasses.replace(e, answer=answers[e.id]) for e in examples]
 
 

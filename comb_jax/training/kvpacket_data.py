@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from functools import partial
 
-import grain
 import numpy as np
 
 from comb_jax.errors import DataError
 from comb_jax.model.buckets import bucket_for
 from comb_jax.text.prompt import prompt_segments
+from comb_jax.training.data import batch_indices
 
 
 def tokenize(example, codec, tc) -> dict:
@@ -59,8 +59,12 @@ def collate(features: list[dict], tc) -> dict[str, np.ndarray]:
     return out
 
 
-def train_iterator(examples, codec, tc, seed: int):
-    """Shuffled, repeated, checkpointable batches (grain, as `data.train_dataset`)."""
-    return iter(grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
-                .map(partial(tokenize, codec=codec, tc=tc))
-                .batch(tc.batch_size, drop_remainder=True, batch_fn=partial(collate, tc=tc)).to_iter_dataset())
+def _collate_indices(indices, examples, codec, tc) -> dict[str, np.ndarray]:
+    return collate([tokenize(examples[i], codec, tc) for i in indices], tc)
+
+
+def train_iterator(examples, codec, tc, seed: int, rows: slice | None = None):
+    """Shuffled, repeated, checkpointable batches over the same global order as `data.train_dataset` (`rows`: a
+    process's rows of each global batch)."""
+    return iter(batch_indices(len(examples), tc, seed, rows)
+                .map(partial(_collate_indices, examples=examples, codec=codec, tc=tc)).to_iter_dataset())

@@ -32,6 +32,7 @@ from comb_jax.text.codec import make_codec
 from comb_jax.training import checkpoint as ckpt
 from comb_jax.training import data as data_lib
 from comb_jax.training.objectives import LOSS_TERMS, Objective, calibrate_kv_scale, objective_for
+from comb_jax.weights.hf import load_hf_backbone_sharded
 from comb_jax.weights.resolve import load_backbone
 
 # Dense bf16 peak FLOP/s per device, for MFU.
@@ -255,6 +256,19 @@ def place_backbone(cfg, mesh, backbone):
     return jax.device_put(jax.tree.map(lambda a: np.asarray(a).astype(dtype), backbone), sh)
 
 
+def load_placed_backbone(cfg, mesh, backbone=None):
+    """(the frozen backbone on the mesh, its host copy or None).
+
+    In a multi-process run from a Hugging Face directory (`weights.source=hf`) each process reads only the blocks
+    its own devices hold, so no host reads the whole backbone and there is no host copy; otherwise the backbone
+    (`backbone`, or `cfg.weights`) is read whole on every host and placed."""
+    if backbone is None and jax.process_count() > 1 and cfg.weights.source == "hf":
+        sh = param_shardings(model_layout(cfg.model)["backbone"], mesh)
+        return load_hf_backbone_sharded(cfg.weights.path, cfg.model, sh, jnp.dtype(cfg.compute_dtype)), None
+    host = load_backbone(cfg) if backbone is None else backbone
+    return place_backbone(cfg, mesh, host), host
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -330,17 +344,22 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     distributed.barrier("comb_jax.train.run_dir")
     mesh = make_mesh(cfg.mesh)
     check_batch_divides(cfg, mesh)
-    backbone_host = load_backbone(cfg) if backbone is None else backbone
-    backbone = place_backbone(cfg, mesh, backbone_host)
+    backbone, backbone_host = load_placed_backbone(cfg, mesh, backbone)
+    if backbone_host is None and objective.name == "comb" and tc.init in ("warm", "pointer", "grow"):
+        raise NotImplementedError(f"train.init={tc.init} copies backbone layers on the host, and this run reads the "
+                                  "backbone in slices across processes: start from init=random or a "
+                                  "train.init_checkpoint made with that init in one process")
     codec = make_codec(cfg)
     if examples is None:
-        # the teacher's fingerprint reads the host copy: every process has all of it
-        examples = prepare_examples(cfg, codec, {"backbone": backbone_host}, run_dir, progress and primary)
+        # teacher answers from the host copy (each process answers its share of the prompts on its own devices) or,
+        # with no host copy, from the sharded backbone (every process runs every batch together)
+        examples = prepare_examples(cfg, codec, {"backbone": backbone if backbone_host is None else backbone_host},
+                                    run_dir, progress and primary)
     train_ex, eval_ex = examples
     trainable_tree = objective.layout(cfg)
     if jax.process_count() > 1:
-        # KV Packet's adapter files and the kv stage's scale calibration are written for one process
-        if objective.name != "comb" or (tc.objective == "kv" and not tc.init_checkpoint):
+        # the kv stage's scale calibration runs on one process's host batch
+        if tc.objective == "kv" and not tc.init_checkpoint:
             raise NotImplementedError(f"train.objective={tc.objective} trains in one process only")
         rows = process_rows(mesh, tc.batch_size)
         iterator = objective.batches(train_ex, codec, tc, tc.seed, rows)
@@ -398,7 +417,9 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     def save(at_step: int, eval_loss=None):
         ckpt.save(manager, at_step, state.comb, state.opt_state, iterator.get_state(), cfg, eval_loss)
         if objective.after_save is not None:  # e.g. the KV Packet adapter the eval and serving load
-            objective.after_save(run_dir, jax.device_get(state.comb), at_step)
+            trainable = distributed.host_copy(state.comb)  # every process takes part in the gather; one writes
+            if primary:
+                objective.after_save(run_dir, trainable, at_step)
 
     try:
         with (metrics_path.open("a") if primary else open(os.devnull, "w")) as log:

@@ -4,8 +4,9 @@
 - "warm" [beyond the release]: encoder block k is a copy of decoder layer c_k (the layer cross block k
   precedes); the encoder's k_proj/v_proj and the cross block's q/o projections (with the attention norm that
   feeds q) come from that same layer's self-attention. Gates stay 0, so the model still equals the backbone.
-- "pointer" [beyond the release]: a copy path that reads from step 0. Encoder block k is a copy of decoder layer k
-  (the bottom of the backbone: token identity plus neighbour features); v_proj and the cross o_proj are a random
+- "pointer" [beyond the release]: a copy path that reads from step 0. Encoder block k is a copy of decoder layer
+  m + k, m = `encoder_input_layer` (the layer after the backbone states it reads: token identity plus context);
+  v_proj and the cross o_proj are a random
   orthonormal projection P and its transpose times the final norm weight, so a cross block that attends to chunk
   token j adds (a projection of) the LM-head row of j's embedding to the residual stream: the attention logits
   get a clean gradient ("attend where the next token is") instead of noise through a random or zero o_proj.
@@ -53,6 +54,7 @@ def pointer_comb(cfg, backbone, key) -> dict:
     n, heads, kv_heads, head_dim = m.num_cross_layers, m.num_heads, m.num_kv_heads, m.head_dim
     if kv_heads * head_dim > m.hidden:
         raise ValueError(f"init=pointer needs num_kv_heads * head_dim <= hidden ({kv_heads * head_dim} > {m.hidden})")
+    first = m.encoder_input_layer  # the encoder continues the backbone where its input leaves it
     rng = np.random.default_rng(cfg.train.seed)
     # P[k]: [hidden, kv_heads * head_dim] with orthonormal columns, one per cross block
     proj = np.stack([np.linalg.qr(rng.standard_normal((m.hidden, kv_heads * head_dim)))[0] for _ in range(n)])
@@ -62,7 +64,7 @@ def pointer_comb(cfg, backbone, key) -> dict:
     wo = jnp.repeat(jnp.transpose(proj, (0, 2, 3, 1)), group, axis=1)
     wo = wo * jnp.asarray(backbone["final_norm"], dtype) / group
     encoder = dict(comb["encoder"], v_proj=proj,
-                   layers=jax.tree.map(lambda a: jnp.asarray(a)[:n].astype(dtype), backbone["layers"]))
+                   layers=jax.tree.map(lambda a: jnp.asarray(a)[first:first + n].astype(dtype), backbone["layers"]))
     cross = dict(comb["cross"], wo=wo)
     return {"encoder": encoder, "cross": cross}
 

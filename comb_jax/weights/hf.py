@@ -181,7 +181,7 @@ class SafetensorsDir:
     def __contains__(self, name):
         return name in self.weight_map
 
-    def __call__(self, name: str) -> np.ndarray:
+    def _handle(self, name: str):
         if name not in self.weight_map:
             raise KeyError(f"tensor {name} is missing from {self.path}")
         file = self.weight_map[name]
@@ -190,11 +190,70 @@ class SafetensorsDir:
             if not full.is_file():
                 raise FileNotFoundError(f"shard {full} (holding {name}) is missing")
             self._handles[file] = self._open(str(full), "numpy")
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Only the block `index` (one slice per axis) of a tensor is read from disk."""
+        return self._handle(name).get_slice(name)[index]
 
 
-def load_hf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
-    """Backbone params from a Hugging Face Llama directory; its config.json must match `cfg`'s shapes."""
+def _leading(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(start, stop, elements per step) of the flat range that the leading slice of `index` covers in `shape`."""
+    start, stop, _ = index[0].indices(shape[0]) if index else (0, 1, 1)
+    return start, stop, math.prod(shape[1:])
+
+
+def read_torch_block(reader, name: str, n_in: int | None, shape: tuple[int, ...], index: tuple) -> np.ndarray:
+    """Our array of `shape` (one layer) restricted to `index`, reading only the rows and columns of the PyTorch
+    tensor that the leading slices of its input and output axes cover (what `from_torch_layout` would return, then
+    `[index]`). `reader.read_slice(name, slices)` reads a block of the stored tensor."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if n_in is None or not shape:
+        if len(shape) == 0:  # a scalar (a gate) stored with shape [1]
+            return np.asarray(reader(name)).reshape(())
+        return np.asarray(reader.read_slice(name, index))
+    c0, c1, c_step = _leading(index[:n_in], shape[:n_in])
+    r0, r1, r_step = _leading(index[n_in:], shape[n_in:])
+    t = np.asarray(reader.read_slice(name, (slice(r0 * r_step, r1 * r_step), slice(c0 * c_step, c1 * c_step))))
+    block = t.T.reshape(c1 - c0, *shape[1:n_in], r1 - r0, *shape[n_in + 1:])
+    rest = (slice(None),) + index[1:n_in] + (slice(None),) + index[n_in + 1:]
+    return block[rest]
+
+
+def load_hf_backbone_sharded(path: str, cfg: ModelConfig, shardings, dtype=np.float32):
+    """Backbone params from a Hugging Face Llama directory straight onto the mesh: each process reads only the
+    blocks its own devices hold (safetensors slices into `jax.make_array_from_callback`), so a large backbone is
+    never read whole by every host. `shardings`: the backbone's NamedSharding tree. Shapes are checked as in
+    `load_hf_backbone`."""
+    _check_hf_config(path, cfg)
+    reader = SafetensorsDir(path)
+    layout = model_layout(cfg)["backbone"]
+    by_path = {}
+    for tree_path, name, n_in, layer in hf_names(cfg, "", comb=False):
+        by_path.setdefault(tree_path[1:], []).append((name, n_in, layer))
+
+    def leaf(key_path, param, sharding):
+        key = tuple(k.key for k in key_path)
+        names = by_path[("embed",) if key == ("encoder_embed",) else key]  # a plain Llama's encoder starts there
+
+        def block(index):
+            if names[0][2] is None:  # one tensor
+                name, n_in, _ = names[0]
+                return read_torch_block(reader, name, n_in, param.shape, index).astype(dtype)
+            index = tuple(index) + (slice(None),) * (len(param.shape) - len(index))
+            layers = range(*index[0].indices(param.shape[0]))
+            return np.stack([read_torch_block(reader, names[i][0], names[i][1], param.shape[1:], index[1:])
+                             for i in layers]).astype(dtype)
+
+        return jax.make_array_from_callback(param.shape, sharding, block)
+
+    return jax.tree.map_with_path(leaf, layout, shardings, is_leaf=is_param)
+
+
+def _check_hf_config(path: str, cfg: ModelConfig) -> None:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing (expected a Hugging Face Llama directory)")
@@ -203,4 +262,9 @@ def load_hf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
         have, want = getattr(found, field), getattr(cfg, field)
         if have != want:
             raise ValueError(f"{config_file}: {field}={have} but the config says {want}")
+
+
+def load_hf_backbone(path: str, cfg: ModelConfig, dtype=np.float32):
+    """Backbone params from a Hugging Face Llama directory; its config.json must match `cfg`'s shapes."""
+    _check_hf_config(path, cfg)
     return tree_from_tensors(cfg, SafetensorsDir(path), dtype, comb=False)["backbone"]
