@@ -59,10 +59,11 @@ class ModelConfig:
     # The encoder reads its own frozen embedding (backbone["encoder_embed"]) instead of the decoder's: set by
     # import when a release checkpoint's chunk_model.embed_tokens differs from its decoder embedding.
     separate_encoder_embed: bool = False
-    # [beyond the release] What the encoder reads: 0 = the token embedding (the release); m > 0 = the chunk's hidden
-    # state after the backbone's first m layers, run on the chunk alone (causal, positions 0..L-1), so each chunk token
-    # arrives with the frozen model's own reading of its context (what it refers to, the tokens before it).
-    encoder_input_layer: int = 0
+    # [beyond the release] 0: PICache keys and values come from the encoder alone (the release). m > 0: each also
+    # gets a projection (`context_k_proj` / `context_v_proj`, zero at init) of the chunk token's hidden state after
+    # the backbone's first m layers, run on the chunk alone (causal, positions 0..L-1): the frozen model's own
+    # reading of the token in its context (what it refers to, the tokens before it).
+    context_layer: int = 0
     # How attention runs (an execution choice, not part of the model: results agree to rounding). einsum: the
     # reference (materialises the [query, key] scores); xla / cudnn: jax.nn.dot_product_attention with that
     # implementation (cudnn: flash attention, bfloat16/float16 on NVIDIA GPUs); auto: cudnn where it applies, else xla.
@@ -75,8 +76,8 @@ class ModelConfig:
             raise ValueError(
                 f"num_layers={self.num_layers} must be a positive multiple of num_cross_layers={self.num_cross_layers}"
             )
-        if not 0 <= self.encoder_input_layer < self.num_layers:
-            raise ValueError(f"encoder_input_layer={self.encoder_input_layer} must be in "
+        if not 0 <= self.context_layer < self.num_layers:
+            raise ValueError(f"context_layer={self.context_layer} must be in "
                              f"[0, num_layers={self.num_layers})")
 
     @property

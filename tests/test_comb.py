@@ -85,3 +85,20 @@ def test_padding_in_context_is_ignored(tiny_cfg, tiny_params):
     padded = encode(tiny_params, jnp.asarray(padded_tokens), jnp.asarray(padded_mask), tiny_cfg.model)
     np.testing.assert_allclose(_logits(tiny_params, tiny_cfg, question, padded),
                                _logits(tiny_params, tiny_cfg, question, exact), atol=1e-5, rtol=0)
+
+
+def test_an_added_context_path_starts_as_the_same_model(tiny_cfg, tiny_params):
+    """`with_context_path` gives a trained Comb zero context projections: with `context_layer` set, its PICaches and
+    logits are exactly the ones it had; a nonzero projection then changes them."""
+    import dataclasses
+
+    from comb_jax.training.warm_start import with_context_path
+
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, context_layer=2))
+    params = dict(tiny_params, comb=with_context_path(cfg, tiny_params["comb"]))
+    chunk, question = _chunks([6])[0], np.random.default_rng(4).integers(0, 256, size=(1, 9))
+    before = _logits(tiny_params, tiny_cfg, question, _encode_one(tiny_params, tiny_cfg, chunk))
+    np.testing.assert_array_equal(_logits(params, cfg, question, _encode_one(params, cfg, chunk)), before)
+    encoder = params["comb"]["encoder"]
+    moved = dict(params, comb=dict(params["comb"], encoder=dict(encoder, context_k_proj=encoder["k_proj"])))
+    assert np.abs(_logits(moved, cfg, question, _encode_one(moved, cfg, chunk)) - before).max() > 1e-4

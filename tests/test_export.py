@@ -255,10 +255,10 @@ def test_cli_exports_an_orbax_checkpoint(tiny_cfg, tiny_params, tmp_path):
         assert np.array_equal(flatten_names(params["backbone"])[name], np.asarray(leaf)), name
 
 
-def test_export_refuses_an_encoder_that_reads_backbone_states(tiny_cfg, tiny_params, tmp_path):
-    """The release's chunk model reads token embeddings: a model with encoder_input_layer > 0 is refused by name,
-    before anything is written."""
-    cfg = dataclasses.replace(tiny_cfg.model, encoder_input_layer=1)
-    with pytest.raises(ValueError, match="encoder_input_layer"):
+def test_export_refuses_a_model_with_a_context_path(tiny_cfg, tiny_params, tmp_path):
+    """The release's chunk model has no context path: a model with context_layer > 0 is refused by name, before
+    anything is written."""
+    cfg = dataclasses.replace(tiny_cfg.model, context_layer=1)
+    with pytest.raises(ValueError, match="context_layer"):
         export_comb(cfg, tiny_params, tmp_path / "out")
     assert not (tmp_path / "out").exists()

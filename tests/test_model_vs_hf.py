@@ -51,30 +51,32 @@ def test_decoder_logits_match_transformers(name):
     assert diff <= 1e-4
 
 
-def test_encoder_reads_the_backbone_states_of_its_input_layer():
-    """`encoder_input_layer=m`: the encoder's first block reads transformers' hidden_states[m] of the chunk alone
-    (positions 0..L-1, causal), and a padded chunk gives the same PICache for its real tokens."""
+def test_context_path_adds_projected_backbone_states_of_the_chunk():
+    """`context_layer=m`: each PICache key and value gets a projection of transformers' hidden_states[m] of the chunk
+    alone (positions 0..L-1, causal) on top of the encoder's; a padded chunk gives the same PICache for its tokens."""
     import dataclasses
 
     import jax
 
     from comb_jax.model.layout import init_params, model_layout
-    from comb_jax.model.transformer import block, encode, rope_tables
+    from comb_jax.model.transformer import encode
 
     model = hf_model(CASES["gqa_tied_default"])
-    cfg = dataclasses.replace(model_config_from_hf(model.config.to_dict(), num_cross_layers=2), encoder_input_layer=2)
+    plain = model_config_from_hf(model.config.to_dict(), num_cross_layers=2)
+    cfg = dataclasses.replace(plain, context_layer=2)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params = dict(tree_from_tensors(cfg, state.__getitem__, comb=False),
-                  comb=init_params(model_layout(cfg), jax.random.key(0))["comb"])
+    comb = init_params(model_layout(cfg), jax.random.key(0), std=0.1)["comb"]  # context projections nonzero
+    comb["encoder"] = dict(comb["encoder"], context_k_proj=comb["encoder"]["k_proj"] + 0.05,
+                           context_v_proj=comb["encoder"]["v_proj"] - 0.05)
+    params = dict(tree_from_tensors(cfg, state.__getitem__, comb=False), comb=comb)
     tokens = np.random.default_rng(1).integers(0, 128, size=(1, 12))
     with torch.no_grad():
         states = model(torch.tensor(tokens), output_hidden_states=True).hidden_states[2].numpy()
-    cos, sin = rope_tables(cfg, jnp.arange(12)[None])
-    first = jax.tree.map(lambda a: a[0], params["comb"]["encoder"])
-    x, _ = block(jnp.asarray(states), first["layers"], cfg, cos, sin, jnp.ones((1, 12, 12), bool))
-    want = np.einsum("ble,ekd->blkd", np.asarray(x), np.asarray(first["k_proj"]))
+    alone = encode(params, jnp.asarray(tokens), jnp.ones((1, 12), bool), plain)  # the encoder's part
     got = encode(params, jnp.asarray(tokens), jnp.ones((1, 12), bool), cfg)
-    assert np.abs(np.asarray(got.k[0]) - want).max() <= 1e-4
-    padded = encode(params, jnp.pad(jnp.asarray(tokens), ((0, 0), (0, 4))),
-                    jnp.arange(16)[None] < 12, cfg)
+    for name, proj in (("k", "context_k_proj"), ("v", "context_v_proj")):
+        added = np.einsum("ble,nekd->nblkd", states, np.asarray(comb["encoder"][proj]))
+        want = np.asarray(getattr(alone, name)) + added
+        assert np.abs(np.asarray(getattr(got, name)) - want).max() <= 1e-4, name
+    padded = encode(params, jnp.pad(jnp.asarray(tokens), ((0, 0), (0, 4))), jnp.arange(16)[None] < 12, cfg)
     np.testing.assert_allclose(np.asarray(padded.k[:, :, :12]), np.asarray(got.k), atol=1e-5)

@@ -3,7 +3,8 @@
 The tree has two subtrees with different lifetimes:
 - `backbone`: the frozen Llama decoder (its embedding also feeds the encoder, unless the model has its own frozen
   `encoder_embed`, as an imported release checkpoint may);
-- `comb`: what Comb trains: `encoder` blocks with their `k_proj`/`v_proj`, and `cross` blocks.
+- `comb`: what Comb trains: `encoder` blocks with their `k_proj`/`v_proj` (and `context_k_proj`/`context_v_proj`
+  when the model reads backbone states, `context_layer`), and `cross` blocks.
 
 Abstract shapes, random init and shardings (see `sharding.py`) are all derived from this one declaration.
 Repeated blocks are stacked on a leading `layers` axis so the model can `lax.scan` over them.
@@ -88,6 +89,9 @@ def model_layout(cfg: ModelConfig) -> dict:
         },
         "cross": cross_layout(cfg),
     }
+    if cfg.context_layer:  # the backbone's layer-m states of a chunk token, added to its keys and values
+        comb["encoder"]["context_k_proj"] = Param((n, e, k, d), ("layers", "embed", "kv_heads", "head_dim"), "zeros")
+        comb["encoder"]["context_v_proj"] = Param((n, e, k, d), ("layers", "embed", "kv_heads", "head_dim"), "zeros")
     return {"backbone": backbone, "comb": comb}
 
 

@@ -255,8 +255,6 @@ def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: boo
     x = embed[tokens].astype(dtype)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(cfg, positions)
-    if cfg.encoder_input_layer:  # the backbone's own first layers over the chunk alone (right padding: causal is exact)
-        x = backbone_layers(params["backbone"], x, cfg, cos, sin, cfg.encoder_input_layer, dtype)
     attn_mask = jnp.broadcast_to(mask[:, None, :], (tokens.shape[0], tokens.shape[1], tokens.shape[1]))
 
     kv_lengths = mask.sum(-1)
@@ -271,6 +269,11 @@ def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: boo
     if remat:  # training: recompute each block's activations in the backward pass
         body = jax.checkpoint(body)
     _, (k, v) = jax.lax.scan(body, x, (enc["layers"], enc["k_proj"], enc["v_proj"]))
+    if cfg.context_layer:  # the backbone's own first layers over the chunk alone (right padding: causal is exact)
+        states = backbone_layers(params["backbone"], embed[tokens].astype(dtype), cfg, cos, sin, cfg.context_layer,
+                                 dtype)
+        k = k + jnp.einsum("ble,nekd->nblkd", states, enc["context_k_proj"])
+        v = v + jnp.einsum("ble,nekd->nblkd", states, enc["context_v_proj"])
     return PICache(k, v, mask.astype(bool))
 
 

@@ -4,9 +4,8 @@
 - "warm" [beyond the release]: encoder block k is a copy of decoder layer c_k (the layer cross block k
   precedes); the encoder's k_proj/v_proj and the cross block's q/o projections (with the attention norm that
   feeds q) come from that same layer's self-attention. Gates stay 0, so the model still equals the backbone.
-- "pointer" [beyond the release]: a copy path that reads from step 0. Encoder block k is a copy of decoder layer
-  m + k, m = `encoder_input_layer` (the layer after the backbone states it reads: token identity plus context);
-  v_proj and the cross o_proj are a random
+- "pointer" [beyond the release]: a copy path that reads from step 0. Encoder block k is a copy of decoder layer k
+  (the bottom of the backbone: token identity plus neighbour features); v_proj and the cross o_proj are a random
   orthonormal projection P and its transpose times the final norm weight, so a cross block that attends to chunk
   token j adds (a projection of) the LM-head row of j's embedding to the residual stream: the attention logits
   get a clean gradient ("attend where the next token is") instead of noise through a random or zero o_proj.
@@ -31,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comb_jax.model.layout import model_layout
 from comb_jax.weights.resolve import random_comb
 from comb_jax.weights.run_dir import restore_comb_params
-from comb_jax.weights.shipped import load_shipped
+from comb_jax.weights.shipped import ShippedModelError, load_shipped
 
 
 def warm_comb(cfg, backbone, key) -> dict:
@@ -54,7 +54,6 @@ def pointer_comb(cfg, backbone, key) -> dict:
     n, heads, kv_heads, head_dim = m.num_cross_layers, m.num_heads, m.num_kv_heads, m.head_dim
     if kv_heads * head_dim > m.hidden:
         raise ValueError(f"init=pointer needs num_kv_heads * head_dim <= hidden ({kv_heads * head_dim} > {m.hidden})")
-    first = m.encoder_input_layer  # the encoder continues the backbone where its input leaves it
     rng = np.random.default_rng(cfg.train.seed)
     # P[k]: [hidden, kv_heads * head_dim] with orthonormal columns, one per cross block
     proj = np.stack([np.linalg.qr(rng.standard_normal((m.hidden, kv_heads * head_dim)))[0] for _ in range(n)])
@@ -64,7 +63,7 @@ def pointer_comb(cfg, backbone, key) -> dict:
     wo = jnp.repeat(jnp.transpose(proj, (0, 2, 3, 1)), group, axis=1)
     wo = wo * jnp.asarray(backbone["final_norm"], dtype) / group
     encoder = dict(comb["encoder"], v_proj=proj,
-                   layers=jax.tree.map(lambda a: jnp.asarray(a)[first:first + n].astype(dtype), backbone["layers"]))
+                   layers=jax.tree.map(lambda a: jnp.asarray(a)[:n].astype(dtype), backbone["layers"]))
     cross = dict(comb["cross"], wo=wo)
     return {"encoder": encoder, "cross": cross}
 
@@ -101,6 +100,36 @@ def open_attention_gates(comb: dict, tanh_gate: float, zero_out: bool) -> dict:
     return dict(comb, cross=cross)
 
 
+def _restore(cfg, source: str) -> dict:
+    """Comb params from `source` ("shipped[:NAME]" or a run dir); a model without the context path
+    (`context_layer`) is read as such, so a context path can be added to it."""
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, context_layer=0))
+    if source.split(":")[0] == "shipped":  # the weights this config (or NAME) ships
+        name = source.partition(":")[2] or cfg.name
+        try:
+            return jax.tree.map(jnp.asarray, load_shipped(dataclasses.replace(cfg, name=name)))
+        except ShippedModelError:
+            if not cfg.model.context_layer:
+                raise
+            return jax.tree.map(jnp.asarray, load_shipped(dataclasses.replace(plain, name=name)))
+    try:
+        return jax.tree.map(jnp.asarray, restore_comb_params(source, cfg, prefer="latest"))
+    except Exception:
+        if not cfg.model.context_layer:
+            raise
+        return jax.tree.map(jnp.asarray, restore_comb_params(source, plain, prefer="latest"))
+
+
+def with_context_path(cfg, comb: dict) -> dict:
+    """`comb` with zero `context_k_proj` / `context_v_proj` added where `cfg` has a context path and it has none:
+    the same model, with a path to learn."""
+    if not cfg.model.context_layer or "context_k_proj" in comb["encoder"]:
+        return comb
+    shape = model_layout(cfg.model)["comb"]["encoder"]["context_k_proj"].shape
+    zeros = jnp.zeros(shape, comb["encoder"]["k_proj"].dtype)
+    return dict(comb, encoder=dict(comb["encoder"], context_k_proj=zeros, context_v_proj=zeros))
+
+
 def init_comb(cfg, backbone, key) -> dict:
     tc = cfg.train
     if tc.init == "grow":
@@ -113,11 +142,8 @@ def init_comb(cfg, backbone, key) -> dict:
         else:
             one_block = restore_comb_params(tc.init_checkpoint, one, prefer="latest")
         return grow_comb(cfg, backbone, one_block, key)
-    if tc.init_checkpoint.split(":")[0] == "shipped":  # the weights this config (or NAME) ships
-        name = tc.init_checkpoint.partition(":")[2] or cfg.name
-        comb = jax.tree.map(jnp.asarray, load_shipped(dataclasses.replace(cfg, name=name)))
-    elif tc.init_checkpoint:
-        comb = jax.tree.map(jnp.asarray, restore_comb_params(tc.init_checkpoint, cfg, prefer="latest"))
+    if tc.init_checkpoint:
+        comb = with_context_path(cfg, _restore(cfg, tc.init_checkpoint))
     elif tc.init == "random":
         comb = random_comb(cfg, key)
     elif tc.init == "warm":

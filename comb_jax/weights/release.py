@@ -131,11 +131,10 @@ def comb_config_dict(cfg: ModelConfig, tokenizer=None, name: str = "") -> dict:
 def check_release_compatible(cfg: ModelConfig):
     """Refuse what the release's CombLlama cannot load: it derives head_dim = hidden_size / num_attention_heads, and
     its chunk model reads token embeddings."""
-    if cfg.encoder_input_layer:
-        raise ValueError("cannot export a Comb model whose encoder reads the backbone's layer-"
-                         f"{cfg.encoder_input_layer} states (encoder_input_layer > 0): the release's chunk model "
-                         "reads token embeddings, so it would compute other PICaches; serve it with comb-jax, or "
-                         "export a model with encoder_input_layer=0")
+    if cfg.context_layer:
+        raise ValueError(f"cannot export a Comb model whose PICaches read the backbone's layer-{cfg.context_layer} "
+                         "states (context_layer > 0): the release's chunk model has no such path, so it would compute "
+                         "other PICaches; serve it with comb-jax, or export a model with context_layer=0")
     if cfg.head_dim * cfg.num_heads != cfg.hidden:
         raise ValueError(f"cannot export a Comb model with head_dim={cfg.head_dim} != hidden_size / num_heads = "
                          f"{cfg.hidden} / {cfg.num_heads}: the release's CombLlama derives head_dim from them, so it "
