@@ -17,8 +17,8 @@ from comb_jax.training.needles import reading_set
 from comb_jax.weights import shipped
 
 pytestmark = pytest.mark.slow
-FACTS_ANSWERED = 2  # of the 8 held-out-wording facts below, the shipped read20 step 500 answers exactly 2
-# (1648, stag); 2 more are near copies (Laethorael -> "Laethon", Gaefoudeth -> "Gaefoud")
+FACTS_ANSWERED = 3  # of the 8 held-out-wording facts below, the shipped ctx12 step 400 answers exactly 3
+# (1648, stag, Laethorael); 2 more are near copies (Gaefoudeth -> "Gesoudetheth", Zeroufork -> "Piroufork")
 
 
 @pytest.fixture(scope="module")
