@@ -17,8 +17,8 @@ case).
 Reported per mode: requests/s, output tokens/s, client-side TTFT p50/p99, document hit rate per tier (device pool,
 host memory, disk; mode prefix: the share of prompt tokens whose KV came from its prefix cache), errors and
 mismatches. The default overrides make the pool and host tier smaller than the
-corpus, so all three tiers serve hits. Writes bench/results/server_load.json (runs keyed by config, scenario
-and context size), a section of bench/RESULTS.md, and bench/results/server_load_<config>.png (requests/s and TTFT
+corpus, so all three tiers serve hits. Writes bench/results/server_load.json (runs keyed by config, context size
+and scenarios), a section of bench/RESULTS.md, and bench/results/server_load_<config>.png (requests/s and TTFT
 p50 against context tokens per request, one line per mode and scenario, over every recorded run of the config).
 """
 
@@ -52,16 +52,17 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 PLOT = ROOT / "bench" / "results" / "server_load_{config}.png"
 SECTION = "## HTTP server under load (`bench/server_load.py`)"
 TOPIC = 8  # documents per topic in the fixed-order scenario
+MODE_COLORS = {"comb": "tab:blue", "prefix": "tab:orange", "full": "tab:green"}  # one colour per mode in the plot
 # Contexts of 4-8 documents of 256-512 tokens (up to ~4.6K page-rounded tokens): context buckets to 6144; the pool
 # holds about a third of the 64-document corpus, so documents are evicted and come back from the host/disk tiers.
 _LOAD = ["serve.prompt_buckets=(64,)", "serve.context_buckets=(2048,4096,6144)", "serve.chunk_buckets=(512,)",
          "serve.max_chunk_tokens=512", "serve.max_context_tokens=6144", "serve.pool_tokens=12288",
          "serve.max_batch=8"]
 # SmolLM2 documents are cut by words (~0.75 a token), so their chunk bucket leaves room for a longer tokenization.
-DEFAULT_OVERRIDES = {"smollm2_comb": [*_LOAD, "serve.max_new_tokens=8", "serve.chunk_buckets=(768,)",
-                                      "serve.max_chunk_tokens=768"],
+_SMOLLM2 = [*_LOAD, "serve.max_new_tokens=8", "serve.chunk_buckets=(768,)", "serve.max_chunk_tokens=768"]
+DEFAULT_OVERRIDES = {"smollm2_comb": _SMOLLM2, "smollm2_pointer": _SMOLLM2,
                      "tiny_comb": [*_LOAD, "serve.max_new_tokens=16"]}
-DEFAULT_HOST_MB = {"smollm2_comb": 16.0, "tiny_comb": 1.0}
+DEFAULT_HOST_MB = {"smollm2_comb": 16.0, "smollm2_pointer": 16.0, "tiny_comb": 1.0}
 
 
 def corpus(n: int, byte_level: bool, lengths: tuple[int, int], rng) -> list[tuple[str, str]]:
@@ -246,7 +247,25 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {r.get('scenario', 'random')} | {r['mode']} | {r.get('context_tokens_mean')} | "
                      f"{r['requests_per_s']} | {r['output_tokens_per_s']} | {r['ttft_p50_s']} | "
                      f"{r['ttft_p99_s']} | {rate} | {mb} | {r['errors']} | {r['mismatches_vs_alone']} |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + ratios(rows)
+
+
+def ratios(rows: list[dict]) -> str:
+    """Per scenario, Comb against the baselines side by side: requests/s comb / full and comb / prefix, and TTFT
+    p50 comb / prefix (the issue's targets: >= 3, >= 2 and <= 1/3)."""
+    out = []
+    for scenario in dict.fromkeys(r.get("scenario", "random") for r in rows):
+        by_mode = {r["mode"]: r for r in rows if r.get("scenario", "random") == scenario}
+        comb = by_mode.get("comb")
+        if comb is None:
+            continue
+        parts = [f"requests/s comb / {m} = {comb['requests_per_s'] / by_mode[m]['requests_per_s']:.2f}"
+                 for m in ("full", "prefix") if m in by_mode and by_mode[m]["requests_per_s"]]
+        if "prefix" in by_mode and by_mode["prefix"]["ttft_p50_s"]:
+            parts.append(f"TTFT p50 comb / prefix = {comb['ttft_p50_s'] / by_mode['prefix']['ttft_p50_s']:.2f}")
+        if parts:
+            out.append(f"- {scenario} order: " + "; ".join(parts))
+    return ("\n" + "\n".join(out) + "\n") if out else ""
 
 
 def write_results(summary: dict, command: str):
@@ -300,9 +319,10 @@ def plot(runs: dict, config: str):
     for (scenario, mode), points in sorted(lines.items()):
         points.sort()
         x = [p[0] for p in points]
-        style = "-o" if scenario == "random" else "--s"
-        axes[0].plot(x, [p[1] for p in points], style, label=f"{mode} ({scenario} order)")
-        axes[1].plot(x, [p[2] for p in points], style, label=f"{mode} ({scenario} order)")
+        style = dict(color=MODE_COLORS.get(mode), linestyle="-" if scenario == "random" else "--",
+                     marker="o" if scenario == "random" else "s", label=f"{mode} ({scenario} order)")
+        axes[0].plot(x, [p[1] for p in points], **style)
+        axes[1].plot(x, [p[2] for p in points], **style)
     axes[0].set(xlabel="context tokens per request", ylabel="requests/s", title=f"{config}: throughput")
     axes[1].set(xlabel="context tokens per request", ylabel="TTFT p50 (s)", title=f"{config}: time to first token")
     for ax in axes:
@@ -343,7 +363,7 @@ def main(argv=None) -> int:
         requests = make_requests(pairs, args.requests, np.random.default_rng([args.seed, len(modes)]), scenario,
                                  span(args.docs_per_request), args.zipf)
         modes += [run_mode(m, args, overrides, requests, scenario) for m in args.modes.split(",")]
-    key = f"{args.config}, {args.docs_per_request} documents of {args.doc_tokens} tokens"
+    key = f"{args.config}, {args.docs_per_request} documents of {args.doc_tokens} tokens, {args.scenarios} order"
     summary = {"key": key, "config": args.config, "requests": args.requests, "clients": args.clients,
                "documents": args.documents, "doc_tokens": args.doc_tokens, "docs_per_request": args.docs_per_request,
                "zipf": args.zipf, "max_tokens": args.max_tokens, "overrides": overrides,

@@ -3,12 +3,22 @@
 Tests marked gpu are deselected unless `-m` names gpu; `make test` on a GPU machine runs `-m gpu` with
 JAX_PLATFORMS=cuda (which the setdefault below leaves alone)."""
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache for the run, shared with the subprocesses tests start (servers, multihost
+# workers, train.py): after the per-module drop of executables below, and in each new process, the same programs
+# (tiny_comb's train and serve steps recur in many modules) are read back instead of compiled again. Programs that
+# compile in under a second are not stored (JAX's default threshold).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="comb-jax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 

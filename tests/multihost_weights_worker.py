@@ -51,8 +51,8 @@ def main(args: dict) -> None:
     examples = toy_examples(6)
     codec = Codec(None)
     run = args["out"] + ".teacher"
-    from_shards = teacher_targets(examples, {"backbone": backbone}, cfg, codec, f"{run}_sharded.jsonl", False)
-    from_host = teacher_targets(examples, {"backbone": whole}, cfg, codec, f"{run}_host.jsonl", False)
+    from_shards = teacher_targets(examples, {"backbone": backbone}, cfg, codec, f"{run}_sharded.jsonl", progress=False)
+    from_host = teacher_targets(examples, {"backbone": whole}, cfg, codec, f"{run}_host.jsonl", progress=False)
     with open(f"{args['out']}.process{jax.process_index()}.json", "w") as f:
         json.dump({"host_copy": host is not None, "read": read[0], "mismatched": mismatched,
                    "total": sum(int(np.size(a)) for a in jax.tree.leaves(whole)),

@@ -25,7 +25,8 @@ def test_taps_are_the_residual_stream_at_each_cross_layer(tiny_cfg):
     m = tiny_cfg.model
     tokens = _tokens(2, 11)
     hidden, taps = forward_with_taps(params, tokens, m)
-    np.testing.assert_array_equal(np.asarray(hidden), np.asarray(forward(params, tokens, m)[0]))
+    # the training forward runs group 0 outside the scan (inference scans it): the same sums, grouped otherwise
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(forward(params, tokens, m)[0]), rtol=1e-5, atol=1e-6)
     # independent reference: run the decoder layers one by one and read the input of layer c_k
     x = params["backbone"]["embed"][tokens]
     cos, sin = rope_tables(m, jnp.broadcast_to(jnp.arange(11), (2, 11)))

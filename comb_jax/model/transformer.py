@@ -9,8 +9,8 @@ E cross layers, N decoder layers, H heads, K KV heads, D head_dim, M KV-cache sl
 - `lm_logits`: hidden states -> logits.
 
 The decoder runs as E groups of [stride - 1 decoder layers, cross block k, 1 decoder layer], so cross
-block k sits before layer c_k = (k + 1) * stride - 1: group 0, then a scan over the other groups, each a scan over
-its layers.
+block k sits before layer c_k = (k + 1) * stride - 1: a scan over the groups, each a scan over its layers (the
+training forward runs group 0 apart, see `_decoder`).
 
 Attention runs as `cfg.attention_impl` says (see `attention`): the einsum reference, or jax.nn.dot_product_attention
 with XLA or cuDNN flash attention. Each caller gives the dense mask (the meaning) and, where it has one, its
@@ -326,11 +326,12 @@ def forward_with_taps(params, tokens, cfg: ModelConfig, picache: PICache | Cross
     after cross block k when there is a PICache. With `picache=None` they are the plain backbone's states at the
     same depths: the targets of hidden-state distillation (see `training.loss_fn`).
     """
-    x, _, taps = _decoder(params, tokens, cfg, picache, None, None, dtype, remat, taps=True)
+    x, _, taps = _decoder(params, tokens, cfg, picache, None, None, dtype, remat, taps=True, first_group_apart=True)
     return x, taps
 
 
-def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps: bool, fresh_cache: bool = False):
+def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps: bool, fresh_cache: bool = False,
+             first_group_apart: bool = False):
     bb = cast({k: v for k, v in params["backbone"].items() if k not in ("embed", "encoder_embed")}, dtype)
     x = params["backbone"]["embed"][tokens].astype(dtype)
     b, t = tokens.shape
@@ -385,13 +386,17 @@ def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps
         carry, _ = layer_step((x, cache), tail)
         return carry, (x if taps else None)
 
-    # group 0 outside the scan: its first c_0 layers read no trainable weight, so training differentiates
-    # nothing below the first cross block (in a scan the carry would take them into the backward pass)
-    carry, first = group_step((x, cache), jax.tree.map(lambda a: a[0], per_group))
-    tapped = None if first is None else first[None]
-    if e > 1:
-        carry, rest = jax.lax.scan(group_step, carry, jax.tree.map(lambda a: a[1:], per_group))
-        tapped = None if rest is None else jnp.concatenate([tapped, rest])
+    if first_group_apart:
+        # training (`forward_with_taps`): group 0 outside the scan: its first c_0 layers read no trainable weight,
+        # so nothing below the first cross block is differentiated (in a scan the carry would take them into the
+        # backward pass). Inference scans every group: a program with one group body, half the compile.
+        carry, first = group_step((x, cache), jax.tree.map(lambda a: a[0], per_group))
+        tapped = None if first is None else first[None]
+        if e > 1:
+            carry, rest = jax.lax.scan(group_step, carry, jax.tree.map(lambda a: a[1:], per_group))
+            tapped = None if rest is None else jnp.concatenate([tapped, rest])
+    else:
+        carry, tapped = jax.lax.scan(group_step, (x, cache), per_group)
     x, cache = carry
 
     x = rms_norm(x, bb["final_norm"], cfg.rms_eps).astype(dtype)

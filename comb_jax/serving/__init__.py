@@ -5,7 +5,8 @@
 - `engine`: batched serving (pool lookup, chunk encoding, bucketed prefill, decode loop); `memory_plan`: what a
   config takes on one device (`serve.py --dry-run`).
 - `slots`: the per-slot decode state (static shapes), `prefill_rows` + `insert_rows` of a batch of admitted
-  requests (`insert` of one), and one `decode_step`.
+  requests (`insert` of one), and one `decode_step`; `precompiled`: their executables compiled ahead of time per
+  bucket, so a warm-up compiles without running prefills on zeros.
 - `store`: PICache tiers below the device pool: host memory and disk (tensorstore), keyed by fingerprint + ids.
 - `scheduler`: the thread that owns the device: admits every waiting request that fits, in one prefill call,
   into free slots between decode steps.

@@ -290,6 +290,11 @@ class Engine:
         """Prefill prompts reading their entries' pages, padded to an admission bucket -> prefix (KVCache,
         CrossContext or None, first tokens [B], key data [B, 2], as `slots.prefill_rows`); rows past len(prompts)
         are padding. seeds: uint32 per prompt (each request's own PRNG stream)."""
+        args, static = self._prefill_arguments(prompts, entries, seeds, temperature, top_p)
+        return prefill_rows(*args, **static)
+
+    def _prefill_arguments(self, prompts, entries, seeds, temperature, top_p) -> tuple[tuple, dict]:
+        """`prefill`'s call of `prefill_rows`: (arguments, static arguments)."""
         n, s = len(prompts), self.serve
         b = bucket_for(n, self.admit_buckets, error=RequestError)
         t = bucket_for(max(len(p) for p in prompts), self.prompt_buckets, error=RequestError)
@@ -302,12 +307,11 @@ class Engine:
         temp, top = _pad_rows(temperature, b, 0.0, np.float32), _pad_rows(top_p, b, 1.0, np.float32)
         static = dict(cfg=self.cfg.model, slots=self.kv_slots, dtype=self.dtype)
         if not self._slot_context:
-            return prefill_rows(self.params, None, None, None, None, prompt, lengths, key_data, temp, top, **static)
+            return (self.params, None, None, None, None, prompt, lengths, key_data, temp, top), static
         context = max(1, max(sum(len(x.pages) for x in row) for row in entries) * s.page_tokens)
         table, mask = self.pool.page_table(list(entries) + [[]] * (b - n),
                                            bucket_for(context, self.context_buckets, error=RequestError))
-        return prefill_rows(self.params, self.pool.k, self.pool.v, table, mask, prompt, lengths, key_data, temp, top,
-                            **static)
+        return (self.params, self.pool.k, self.pool.v, table, mask, prompt, lengths, key_data, temp, top), static
 
     def prefill_prefix(self, prompts: list[list[int]], seeds, temperature, top_p):
         """Mode prefix: `PrefixCache.prefill` on an admission bucket -> (prefix as `prefill`, one plan per prompt:
@@ -320,10 +324,14 @@ class Engine:
     def insert(self, state: SlotState, slot_ids: list[int], prefix, temperature, top_p) -> SlotState:
         """`state` with the prefilled requests in rows `slot_ids` (the prefix's padding rows, and rows past
         len(slot_ids), are dropped); temperature, top_p per inserted request. Donates `state`."""
+        return insert_rows(state, *self._insert_arguments(slot_ids, prefix, temperature, top_p))
+
+    def _insert_arguments(self, slot_ids, prefix, temperature, top_p) -> tuple:
+        """`insert`'s arguments of `insert_rows` after the state (prefix: arrays, or their shapes)."""
         kv, ctx, first, key_data = prefix
         b = first.shape[0]
-        return insert_rows(state, _pad_rows(slot_ids, b, self.slots, np.int32), kv, ctx, first, key_data,
-                           _pad_rows(temperature, b, 0.0, np.float32), _pad_rows(top_p, b, 1.0, np.float32))
+        return (_pad_rows(slot_ids, b, self.slots, np.int32), kv, ctx, first, key_data,
+                _pad_rows(temperature, b, 0.0, np.float32), _pad_rows(top_p, b, 1.0, np.float32))
 
     def generate(self, state: SlotState, active) -> tuple[SlotState, jax.Array]:
         """One decode step of every active slot (active [S] bool) -> (state, next token [S]). Donates `state`."""
@@ -342,25 +350,26 @@ class Engine:
 
     def warmup_slots(self, state: SlotState) -> SlotState:
         """Compile `prefill` (mode prefix: `prefill_prefix`) per admission x prompt x context bucket, `insert` per
-        batch and context bucket, and `generate`; the slots keep their state (every inserted row is dropped, no
-        slot is active)."""
+        batch and context bucket and `generate`, ahead of time (nothing runs: on a CPU, running the prefills on
+        zeros cost minutes); the state is returned unchanged."""
         page = self.serve.page_tokens
         for b in self.admit_buckets:
             if self.mode == "prefix":  # per batch x prompt x reused-page bucket, inside `PrefixCache.warmup`
-                prefix = self.prefix.warmup(self.params, request_key_data(np.zeros((b,), np.uint32)),
+                shapes = self.prefix.warmup(self.params, request_key_data(np.zeros((b,), np.uint32)),
                                             np.zeros((b,), np.float32), np.ones((b,), np.float32),
                                             slots=self.kv_slots, cfg=self.cfg.model, dtype=self.dtype)
-                # twice: the first insert may see the state as `init_slots` made it, later ones as a jit returns it
-                for _ in range(2):
-                    state = self.insert(state, [], prefix, [], [])
+                insert_rows.compile(state, *self._insert_arguments([], shapes, [], []))
                 continue
             for t in self.prompt_buckets:
                 for c in (self.context_buckets if self._slot_context else (0,)):
                     fake = [Entry((0,) * c, [0] * (c // page), written=True)] if c else []  # masked page 0
-                    prefix = self.prefill([[0] * t] * b, [fake] * b, [np.uint32(0)] * b, [0.0] * b, [1.0] * b)
-                    state = self.insert(state, [], prefix, [], [])
-        state, nxt = self.generate(state, np.zeros(self.slots, bool))
-        np.asarray(nxt)
+                    args, static = self._prefill_arguments([[0] * t] * b, [fake] * b, [np.uint32(0)] * b, [0.0] * b,
+                                                           [1.0] * b)
+                    shapes = prefill_rows.compile(*args, **static)
+                    insert_rows.compile(state, *self._insert_arguments([], shapes, [], []))
+        # compiled, not run: a run would see the state as `init_slots` made it (uncommitted arrays), which a jit
+        # keys apart from the state an insert returns
+        decode_step.compile(self.params, state, np.zeros(self.slots, bool), cfg=self.cfg.model, dtype=self.dtype)
         return state
 
     # -- batches ------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from comb_jax.model.buckets import bucket_for
 from comb_jax.model.transformer import KVCache, forward
 from comb_jax.serving import quant
 from comb_jax.serving.pool import PagePool, RequestError, gather_tokens
+from comb_jax.serving.precompiled import Precompiled
 from comb_jax.serving.slots import first_draw, prefill_rows
 
 
@@ -230,29 +231,35 @@ class PrefixCache:
         self.done(plans)
         return out, plans
 
-    def _run(self, params, table, prefix_lengths, prompt, lengths, key_data, temperature, top_p, *, slots, cfg,
-             dtype):
-        static = dict(cfg=cfg, slots=slots, dtype=dtype)
-        if table.shape[1] == 0:  # nothing reused: the plain prefill of mode full (causal over the prompt alone)
-            return prefill_rows(params, None, None, None, None, prompt, lengths, key_data, temperature, top_p,
-                                **static)
-        return extend_rows(params, self.pool.k, self.pool.v, table, prefix_lengths, prompt, lengths, key_data,
-                           temperature, top_p, **static)
-
     def warmup(self, params, key_data, temperature, top_p, *, slots: int, cfg: ModelConfig, dtype=jnp.float32):
-        """Compile `prefill` for batch size B = key_data.shape[0], every prompt x page bucket (nothing is read
-        that matters, nothing is written). Returns the last call's output (for the caller's own warm-up)."""
+        """Compile `prefill` for batch size B = key_data.shape[0], every prompt x page bucket, ahead of time
+        (nothing runs, nothing is written). Returns the output's shapes (for the caller's own warm-up)."""
         b, pt = key_data.shape[0], self.page_tokens
         for t in self.prompt_buckets:
             for p in self.page_buckets:
-                out = self._run(params, np.zeros((b, p), np.int32), np.zeros((b,), np.int32),
-                                np.zeros((b, t), np.int32), np.ones((b,), np.int32), key_data, temperature, top_p,
-                                slots=slots, cfg=cfg, dtype=dtype)
-        dropped = np.full((b, slots // pt), self.pool.num_pages, np.int32)
-        self.pool.k, self.pool.v = write_pages(self.pool.k, self.pool.v, out[0], dropped)
-        return out
+                fn, args = self._program(params, np.zeros((b, p), np.int32), np.zeros((b,), np.int32),
+                                         np.zeros((b, t), np.int32), np.ones((b,), np.int32), key_data, temperature,
+                                         top_p)
+                shapes = fn.compile(*args, cfg=cfg, slots=slots, dtype=dtype)
+        write_pages.compile(self.pool.k, self.pool.v, shapes[0], np.full((b, slots // pt), self.pool.num_pages,
+                                                                          np.int32))
+        return shapes
+
+    def _run(self, params, table, prefix_lengths, prompt, lengths, key_data, temperature, top_p, *, slots, cfg,
+             dtype):
+        fn, args = self._program(params, table, prefix_lengths, prompt, lengths, key_data, temperature, top_p)
+        return fn(*args, cfg=cfg, slots=slots, dtype=dtype)
+
+    def _program(self, params, table, prefix_lengths, prompt, lengths, key_data, temperature, top_p):
+        """The prefill program for this page bucket and its arguments: mode full's plain prefill (causal over the
+        prompt alone) when nothing is reused, else `extend_rows` over the reused pages."""
+        if table.shape[1] == 0:
+            return prefill_rows, (params, None, None, None, None, prompt, lengths, key_data, temperature, top_p)
+        return extend_rows, (params, self.pool.k, self.pool.v, table, prefix_lengths, prompt, lengths, key_data,
+                             temperature, top_p)
 
 
+@Precompiled
 @partial(jax.jit, static_argnames=("cfg", "slots", "dtype"))
 def extend_rows(params, pool_k, pool_v, page_table, prefix_lengths, prompt, prompt_lengths, key_data, temperature,
                 top_p, *, cfg: ModelConfig, slots: int, dtype=jnp.float32):
@@ -280,6 +287,7 @@ def extend_rows(params, pool_k, pool_v, page_table, prefix_lengths, prompt, prom
     return cache, None, first, key_data
 
 
+@Precompiled
 @partial(jax.jit, donate_argnames=("pool_k", "pool_v"))
 def write_pages(pool_k, pool_v, kv_cache: KVCache, page_ids):
     """Store prefilled prompt pages into the pool in place: page k of row b (cache slots k * page_tokens ..) goes

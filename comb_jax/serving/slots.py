@@ -28,6 +28,7 @@ from comb_jax.model.transformer import (
     lm_logits,
 )
 from comb_jax.serving.pool import gather_context
+from comb_jax.serving.precompiled import Precompiled
 
 
 class SlotState(NamedTuple):
@@ -78,6 +79,7 @@ def sample_rows(logits, keys, temperature, top_p):
     return jax.vmap(lambda lg, k, t, p: sample(lg[None], k, t[None], p[None])[0])(logits, keys, temperature, top_p)
 
 
+@Precompiled
 @partial(jax.jit, static_argnames=("cfg", "slots", "dtype"))
 def prefill_rows(params, pool_k, pool_v, page_table, context_mask, prompt, prompt_lengths, key_data, temperature,
                  top_p, *, cfg: ModelConfig, slots: int, dtype=jnp.float32):
@@ -107,6 +109,7 @@ def first_draw(params, hidden, prompt_lengths, key_data, temperature, top_p):
     return first, jax.random.key_data(keys[:, 0])
 
 
+@Precompiled
 @partial(jax.jit, donate_argnames=("state",))
 def insert_rows(state: SlotState, slot_ids, kv_cache: KVCache, context: CrossContext | None, first_token, key_data,
                 temperature, top_p) -> SlotState:
@@ -132,6 +135,7 @@ def insert_rows(state: SlotState, slot_ids, kv_cache: KVCache, context: CrossCon
                      put(state.temperature, temperature, 0), put(state.top_p, top_p, 0))
 
 
+@Precompiled
 @partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("state",))
 def decode_step(params, state: SlotState, active, *, cfg: ModelConfig, dtype=jnp.float32):
     """One token for every active slot. active [S] bool -> (state, next tokens [S]).

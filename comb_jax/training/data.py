@@ -229,13 +229,15 @@ def teacher_provenance(cfg, codec: Codec, fingerprint: str, examples: list[Examp
 
 
 def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_path: str | Path,
-                    progress: bool = True) -> list[Example]:
+                    fingerprint: str | None = None, progress: bool = True) -> list[Example]:
     """Examples whose `answer` is the backbone's greedy answer to the full-context prompt (cached on disk).
 
     The cache file's first line holds the provenance; a file with other provenance is regenerated.
+    `fingerprint`: the backbone's `tree_fingerprint`, when the caller has it already (computed here otherwise).
     """
     cache_path = epath.Path(cache_path)  # local, or in the run dir's bucket (gs://...)
-    provenance = teacher_provenance(cfg, codec, tree_fingerprint(params["backbone"]), examples)
+    fingerprint = fingerprint or tree_fingerprint(params["backbone"])
+    provenance = teacher_provenance(cfg, codec, fingerprint, examples)
     if cache_path.is_file():
         lines = cache_path.read_text().splitlines()
         if lines and json.loads(lines[0]).get("provenance") == provenance:
@@ -254,10 +256,7 @@ def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_pa
     starts = list(range(0, len(order), batch))
     if not spmd:
         starts = starts[distributed.process_index()::distributed.process_count()]
-    replicated = None
-    if spmd:
-        replicated = NamedSharding(jax.tree.leaves(params["backbone"])[0].sharding.mesh, PartitionSpec())
-    put = (lambda a: jnp.asarray(a)) if not spmd else (lambda a: jax.make_array_from_process_local_data(replicated, a))
+    put = _on_backbone_mesh(params["backbone"]) if spmd else jnp.asarray
     for start in tqdm(starts, desc="teacher answers", disable=not progress):
         rows = list(order[start:start + batch])
         rows += rows[-1:] * (batch - len(rows))  # static batch: repeat the last row
@@ -284,6 +283,12 @@ def teacher_targets(examples: list[Example], params, cfg, codec: Codec, cache_pa
         tmp.replace(cache_path)
     distributed.barrier("comb_jax.teacher_targets")
     return [dataclasses.replace(e, answer=answers[e.id]) for e in examples]
+
+
+def _on_backbone_mesh(backbone):
+    """numpy array (the same on every process) -> a global array replicated over the backbone's mesh."""
+    replicated = NamedSharding(jax.tree.leaves(backbone)[0].sharding.mesh, PartitionSpec())
+    return lambda a: jax.make_array_from_process_local_data(replicated, a)
 
 
 # ----------------------------------------------------------------------------------------------------------

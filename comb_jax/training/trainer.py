@@ -32,6 +32,7 @@ from comb_jax.text.codec import make_codec
 from comb_jax.training import checkpoint as ckpt
 from comb_jax.training import data as data_lib
 from comb_jax.training.objectives import LOSS_TERMS, Objective, calibrate_kv_scale, objective_for
+from comb_jax.weights.fingerprint import tree_fingerprint
 from comb_jax.weights.hf import load_hf_backbone_sharded
 from comb_jax.weights.resolve import load_backbone
 
@@ -316,10 +317,11 @@ def prepare_examples(cfg, codec, backbone_params, run_dir, progress: bool):
     train_ex = data_lib.run_examples(cfg.train, where, "train")
     eval_ex = data_lib.run_examples(cfg.train, where, "eval")
     if resolve_targets(cfg) == "teacher":
+        fingerprint = tree_fingerprint(backbone_params["backbone"])  # once: a full read (and a gather on a pod)
         train_ex = data_lib.teacher_targets(train_ex, backbone_params, cfg, codec, run_dir / "teacher_train.jsonl",
-                                            progress)
+                                            fingerprint, progress)
         eval_ex = data_lib.teacher_targets(eval_ex, backbone_params, cfg, codec, run_dir / "teacher_eval.jsonl",
-                                           progress)
+                                           fingerprint, progress)
     return train_ex, eval_ex
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comb_jax.errors import CheckpointError
 from comb_jax.model.layout import model_layout
 from comb_jax.weights.resolve import random_comb
 from comb_jax.weights.run_dir import restore_comb_params
@@ -114,7 +115,7 @@ def _restore(cfg, source: str) -> dict:
             return jax.tree.map(jnp.asarray, load_shipped(dataclasses.replace(plain, name=name)))
     try:
         return jax.tree.map(jnp.asarray, restore_comb_params(source, cfg, prefer="latest"))
-    except Exception:
+    except (CheckpointError, ValueError):  # a run without the context path does not restore with it
         if not cfg.model.context_layer:
             raise
         return jax.tree.map(jnp.asarray, restore_comb_params(source, plain, prefer="latest"))
