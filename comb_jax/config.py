@@ -141,6 +141,13 @@ class TrainConfig:
     # hidden-state distillation: the residual stream after each cross block (at the answer positions) is pulled
     # towards the full-prompt backbone's at the same depth (a dense target for every cross block)
     hidden_weight: float = 0.0
+    # cache what the step computes from frozen weights only (training/frozen_cache.py): the decoder's layers below
+    # the first cross block, the context path's backbone layers over the chunks and, with kl_weight > 0, the
+    # teacher's top-k next-token log-probabilities on the answer tokens; computed the first time a row is seen,
+    # stored under run_dir/frozen_cache in frozen_cache_dtype (float32: exact; bfloat16: half the disk)
+    frozen_cache: bool = False
+    frozen_cache_dtype: str = "bfloat16"
+    teacher_top_k: int = 64  # frozen_cache with kl_weight > 0: teacher tokens kept per answer position
     # what the loss trains: "answer" (cross-entropy on answer tokens, plus the kl/hidden terms) or "kv" (the encoder
     # alone: its K/V regressed onto the frozen backbone's own pre-RoPE K/V of the same chunk at layer c_k), both on
     # params["comb"]; or "kvpacket": no Comb at all, the KV Packet trailer adapter params["kvpacket"]
@@ -357,6 +364,7 @@ RULES = {
     "train.cross_out_lr_multiplier": _non_negative,
     "train.batch_size": _at_least_1, "train.grad_accum_steps": _at_least_1, "train.steps": _at_least_1,
     "train.kl_weight": _non_negative, "train.hidden_weight": _non_negative,
+    "train.frozen_cache_dtype": _one_of("bfloat16", "float32"), "train.teacher_top_k": _at_least_1,
     "train.init_attn_gate": (lambda v: 0 <= v < 1, "must be in [0, 1) (it is tanh of the gate)"),
     "train.init_qk_norm": _positive, "train.objective": _one_of("answer", "kv", "kvpacket"),
     "train.kvpacket_tokens": _non_negative, "train.kvpacket_ce_weight": _non_negative,

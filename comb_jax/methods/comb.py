@@ -14,15 +14,17 @@ def comb_chunks(params, tokens, mask, *, cfg: ModelConfig, dtype=jnp.float32):
     return cache.k, cache.v
 
 
-def batch_picache(params, chunk_tokens, chunk_mask, cfg, dtype, remat: bool = False) -> PICache:
+def batch_picache(params, chunk_tokens, chunk_mask, cfg, dtype, remat: bool = False, context_states=None) -> PICache:
     """Encode every chunk on its own, then join each example's chunks along the context axis (a training or eval
     batch; `cfg` is the whole Config).
 
     chunk_tokens, chunk_mask [B, n, L] -> PICache with k, v [E, B, n * L, K, D] and mask [B, n * L].
+    context_states [B, n, L, embed]: the chunks' `chunk_context_states`, precomputed (or None).
     """
     b, n, length = chunk_tokens.shape
+    states = None if context_states is None else context_states.reshape(b * n, length, -1)
     cache = encode(params, chunk_tokens.reshape(b * n, length), chunk_mask.reshape(b * n, length), cfg.model, dtype,
-                   remat)
+                   remat, context_states=states)
     e, _, _, kv, d = cache.k.shape
     return PICache(cache.k.reshape(e, b, n * length, kv, d), cache.v.reshape(e, b, n * length, kv, d),
                    chunk_mask.reshape(b, n * length))

@@ -243,18 +243,19 @@ def cast(tree, dtype):
 # Encoder
 
 
-def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: bool = False) -> PICache:
+def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: bool = False,
+           context_states=None) -> PICache:
     """Encode chunks independently. tokens, mask: [B, L] (one chunk per row) -> PICache [E, B, L, K, D].
 
     The embedding is the backbone's (frozen; its own `encoder_embed` when the model has one); attention is
     bidirectional under the key-padding mask. Chunks are right-padded (each row's mask is a prefix): cudnn attention
-    is given the mask as key lengths.
+    is given the mask as key lengths. `context_states` [B, L, embed]: `chunk_context_states` of the same chunks,
+    precomputed (training's frozen-feature cache); computed here when None.
     """
     embed = params["backbone"].get("encoder_embed", params["backbone"]["embed"])
     enc = cast(params["comb"]["encoder"], dtype)
     x = embed[tokens].astype(dtype)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    cos, sin = rope_tables(cfg, positions)
+    cos, sin = _rope_from_zero(cfg, tokens)
     attn_mask = jnp.broadcast_to(mask[:, None, :], (tokens.shape[0], tokens.shape[1], tokens.shape[1]))
 
     kv_lengths = mask.sum(-1)
@@ -269,12 +270,34 @@ def encode(params, tokens, mask, cfg: ModelConfig, dtype=jnp.float32, remat: boo
     if remat:  # training: recompute each block's activations in the backward pass
         body = jax.checkpoint(body)
     _, (k, v) = jax.lax.scan(body, x, (enc["layers"], enc["k_proj"], enc["v_proj"]))
-    if cfg.context_layer:  # the backbone's own first layers over the chunk alone (right padding: causal is exact)
-        states = backbone_layers(params["backbone"], embed[tokens].astype(dtype), cfg, cos, sin, cfg.context_layer,
-                                 dtype)
+    if cfg.context_layer:
+        states = (chunk_context_states(params["backbone"], tokens, cfg, dtype) if context_states is None
+                  else context_states.astype(dtype))
         k = k + jnp.einsum("ble,nekd->nblkd", states, enc["context_k_proj"])
         v = v + jnp.einsum("ble,nekd->nblkd", states, enc["context_v_proj"])
     return PICache(k, v, mask.astype(bool))
+
+
+def _rope_from_zero(cfg: ModelConfig, tokens):
+    """RoPE tables for tokens [B, T] at positions 0..T-1 (a chunk alone, or a decoder row without a cache)."""
+    return rope_tables(cfg, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+
+
+def chunk_context_states(backbone, tokens, cfg: ModelConfig, dtype=jnp.float32):
+    """The context path's input: the backbone's first `context_layer` layers over each chunk alone (causal,
+    positions 0..L-1, the encoder's embedding). tokens [B, L] right-padded -> [B, L, embed]; frozen weights only."""
+    embed = backbone.get("encoder_embed", backbone["embed"])
+    cos, sin = _rope_from_zero(cfg, tokens)
+    return backbone_layers(backbone, embed[tokens].astype(dtype), cfg, cos, sin, cfg.context_layer, dtype)
+
+
+def first_cross_input(backbone, tokens, cfg: ModelConfig, dtype=jnp.float32):
+    """The decoder's residual stream where the first cross block reads it: the backbone's layers 0..c_0-1 over
+    tokens [B, T] at positions 0..T-1 -> [B, T, embed]. Frozen weights only, so training may cache it
+    (`forward_with_taps(first_states=...)`)."""
+    cos, sin = _rope_from_zero(cfg, tokens)
+    return backbone_layers(backbone, backbone["embed"][tokens].astype(dtype), cfg, cos, sin, cfg.cross_layers[0],
+                           dtype)
 
 
 def backbone_layers(backbone, x, cfg: ModelConfig, cos, sin, count: int, dtype):
@@ -319,21 +342,23 @@ def forward(params, tokens, cfg: ModelConfig, picache: PICache | CrossContext | 
 
 
 def forward_with_taps(params, tokens, cfg: ModelConfig, picache: PICache | CrossContext | None = None,
-                      dtype=jnp.float32, remat: bool = False):
+                      dtype=jnp.float32, remat: bool = False, first_states=None):
     """`forward` without a KV cache that also returns the residual stream where each cross block writes.
 
     tokens [B, T] -> (hidden [B, T, embed], taps [E, B, T, embed]): taps[k] is the input of decoder layer c_k,
     after cross block k when there is a PICache. With `picache=None` they are the plain backbone's states at the
-    same depths: the targets of hidden-state distillation (see `training.loss_fn`).
+    same depths: the targets of hidden-state distillation (see `training.loss_fn`). `first_states` [B, T, embed]:
+    `first_cross_input(tokens)` precomputed; the decoder then starts at the first cross block.
     """
-    x, _, taps = _decoder(params, tokens, cfg, picache, None, None, dtype, remat, taps=True, first_group_apart=True)
+    x, _, taps = _decoder(params, tokens, cfg, picache, None, None, dtype, remat, taps=True, first_group_apart=True,
+                          first_states=first_states)
     return x, taps
 
 
 def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps: bool, fresh_cache: bool = False,
-             first_group_apart: bool = False):
+             first_group_apart: bool = False, first_states=None):
     bb = cast({k: v for k, v in params["backbone"].items() if k not in ("embed", "encoder_embed")}, dtype)
-    x = params["backbone"]["embed"][tokens].astype(dtype)
+    x = params["backbone"]["embed"][tokens].astype(dtype) if first_states is None else first_states.astype(dtype)
     b, t = tokens.shape
     offsets = jnp.zeros((b,), jnp.int32) if kv_cache is None else kv_cache.lengths
     positions = offsets[:, None] + jnp.arange(t)[None, :]
@@ -375,11 +400,12 @@ def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps
         ctx = cross_context(params, picache, cfg, dtype)
         per_group = (grouped, cross, ctx.k, ctx.v)
 
-    def group_step(carry, xs):
+    def group_step(carry, xs, skip_head: bool = False):
         group = xs[0]
         head = jax.tree.map(lambda a: a[: s - 1], group)
         tail = jax.tree.map(lambda a: a[s - 1], group)
-        carry, _ = jax.lax.scan(layer_step, carry, head)
+        if not skip_head:  # skipped when the carry already holds the head's output (`first_states`)
+            carry, _ = jax.lax.scan(layer_step, carry, head)
         x, cache = carry
         if ctx is not None:
             x = cross_block(x, xs[1], cfg, xs[2], xs[3], ctx.mask)
@@ -390,12 +416,15 @@ def _decoder(params, tokens, cfg, picache, kv_cache, lengths, dtype, remat, taps
         # training (`forward_with_taps`): group 0 outside the scan: its first c_0 layers read no trainable weight,
         # so nothing below the first cross block is differentiated (in a scan the carry would take them into the
         # backward pass). Inference scans every group: a program with one group body, half the compile.
-        carry, first = group_step((x, cache), jax.tree.map(lambda a: a[0], per_group))
+        carry, first = group_step((x, cache), jax.tree.map(lambda a: a[0], per_group),
+                                  skip_head=first_states is not None)
         tapped = None if first is None else first[None]
         if e > 1:
             carry, rest = jax.lax.scan(group_step, carry, jax.tree.map(lambda a: a[1:], per_group))
             tapped = None if rest is None else jnp.concatenate([tapped, rest])
     else:
+        if first_states is not None:
+            raise ValueError("first_states needs first_group_apart (forward_with_taps)")
         carry, tapped = jax.lax.scan(group_step, (x, cache), per_group)
     x, cache = carry
 

@@ -340,10 +340,24 @@ def collate(features: list[dict], tc) -> dict[str, np.ndarray]:
         targets[i, :len(seq) - 1] = seq[1:]
         loss_mask[i, len(f["prompt"]) - 1:len(seq) - 1] = 1.0  # positions whose target is an answer token
     batch = {"chunk_tokens": chunk_tokens, "chunk_mask": chunk_mask, "tokens": tokens, "targets": targets,
-             "loss_mask": loss_mask}
+             "loss_mask": loss_mask, "answer_positions": answer_positions(loss_mask)}
     if "teacher_prompt" in features[0]:
         batch.update(_teacher_arrays(features, td, tc))
     return batch
+
+
+def answer_positions(loss_mask: np.ndarray) -> np.ndarray:
+    """[B, A] the positions of each row's answer targets in order, then zeros; A: the most answer targets of a row,
+    rounded up to a power of two (at least 8, at most the row length), so that few shapes compile. The loss runs
+    the LM head (a third of a SmolLM2 step over every position) on these positions only."""
+    b, td = loss_mask.shape
+    counts = (loss_mask > 0).sum(1)
+    width = min(td, max(8, 1 << max(0, int(counts.max(initial=0)) - 1).bit_length()))
+    out = np.zeros((b, width), np.int32)
+    for i in range(b):
+        where = np.flatnonzero(loss_mask[i] > 0)
+        out[i, :len(where)] = where
+    return out
 
 
 def _teacher_arrays(features: list[dict], td: int, tc) -> dict[str, np.ndarray]:

@@ -90,6 +90,37 @@ def calibrate_kv_scale(comb, backbone, batch, cfg) -> dict:
     return dict(comb, encoder=encoder)
 
 
+def answer_rows(batch):
+    """(positions [B, A], weight [B, A]): the decoder positions the loss reads and 1 on real answer targets.
+
+    With `answer_positions` (what `data.collate` adds) only those positions, so the LM head runs on A positions
+    instead of the whole row; without it every position, weighted by `loss_mask`.
+    """
+    mask = batch["loss_mask"]
+    if "answer_positions" not in batch:
+        b, t = mask.shape
+        return jnp.broadcast_to(jnp.arange(t), (b, t)), mask
+    positions = batch["answer_positions"]
+    counts = (mask > 0).sum(1)
+    real = jnp.arange(positions.shape[1])[None, :] < counts[:, None]  # the rest point at 0: padding
+    return positions, real.astype(jnp.float32) * jnp.take_along_axis(mask, positions, axis=1)
+
+
+def top_k_kl(teacher_log_probs, teacher_ids, log_probs):
+    """KL(teacher || student) from the teacher's top k tokens and one bucket for the rest of the vocabulary.
+
+    teacher_log_probs, teacher_ids [..., k]; log_probs [..., vocab] (the student's) -> [...]. Exact when the top k
+    hold all of the teacher's mass (k = vocab)."""
+    student = jnp.take_along_axis(log_probs, teacher_ids, axis=-1)
+    p = jnp.exp(teacher_log_probs)
+    top = (p * (teacher_log_probs - student)).sum(-1)
+    rest_teacher = jnp.clip(1.0 - p.sum(-1), 0.0, 1.0)
+    rest_student = jnp.clip(1.0 - jnp.exp(student).sum(-1), 1e-12, 1.0)
+    rest = jnp.where(rest_teacher > 1e-12,
+                     rest_teacher * (jnp.log(jnp.maximum(rest_teacher, 1e-12)) - jnp.log(rest_student)), 0.0)
+    return top + rest
+
+
 def loss_fn(comb, backbone, batch, cfg):
     """Mean cross-entropy over answer tokens, plus distillation from the full-prompt backbone on the same tokens.
 
@@ -97,38 +128,49 @@ def loss_fn(comb, backbone, batch, cfg):
     - hidden_weight * the hidden-state distillation term: for each cross block k, the squared distance between
       the student's residual stream after the block and the teacher's at the same depth (the input of decoder
       layer c_k), both seen through layer c_k's attention norm (what that layer reads), averaged over blocks.
-    batch: chunk_tokens/chunk_mask [B, n, L], tokens/targets/loss_mask [B, T] and, with either term,
-    teacher_tokens [B, S] (context inlined) and teacher_index [B, T] (the teacher position predicting the same
-    answer token). Returns (loss, {"loss", "ce", "kl", "hidden", "answer_tokens"}).
+    batch: chunk_tokens/chunk_mask [B, n, L], tokens/targets/loss_mask [B, T], optionally answer_positions [B, A]
+    (`answer_rows`) and, with either term, teacher_tokens [B, S] (context inlined) and teacher_index [B, T] (the
+    teacher position predicting the same answer token). What `training.frozen_cache` adds is used instead of
+    recomputing it: decoder_states [B, T, embed], chunk_states [B, n, L, embed], teacher_top_ids /
+    teacher_top_logprobs [B, A, k] (the KL then runs over the teacher's top k, `top_k_kl`).
+    Returns (loss, {"loss", "ce", "kl", "hidden", "answer_tokens"}).
     """
     tc = cfg.train
     dtype = jnp.dtype(cfg.compute_dtype)
     params = {"backbone": backbone, "comb": comb}
-    picache = batch_picache(params, batch["chunk_tokens"], batch["chunk_mask"], cfg, dtype, tc.remat)
-    hidden, taps = forward_with_taps(params, batch["tokens"], cfg.model, picache, dtype=dtype, remat=tc.remat)
+    picache = batch_picache(params, batch["chunk_tokens"], batch["chunk_mask"], cfg, dtype, tc.remat,
+                            context_states=batch.get("chunk_states"))
+    hidden, taps = forward_with_taps(params, batch["tokens"], cfg.model, picache, dtype=dtype, remat=tc.remat,
+                                     first_states=batch.get("decoder_states"))
+    positions, weight = answer_rows(batch)
+    hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, A, embed]
     log_probs = jax.nn.log_softmax(lm_logits(params, hidden), axis=-1)
-    mask = batch["loss_mask"]
-    count = jnp.maximum(mask.sum(), 1.0)
-    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
-    ce = (nll * mask).sum() / count
+    count = jnp.maximum(weight.sum(), 1.0)
+    targets = jnp.take_along_axis(batch["targets"], positions, axis=1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    ce = (nll * weight).sum() / count
     kl = hidden_term = jnp.zeros((), jnp.float32)
-    if tc.kl_weight > 0 or tc.hidden_weight > 0:
+    if "teacher_top_logprobs" in batch and tc.kl_weight > 0:
+        per_token = top_k_kl(batch["teacher_top_logprobs"], batch["teacher_top_ids"], log_probs)
+        kl = (per_token * weight).sum() / count
+    elif tc.kl_weight > 0 or tc.hidden_weight > 0:
         teacher_hidden, teacher_taps = jax.lax.stop_gradient(
             forward_with_taps({"backbone": backbone}, batch["teacher_tokens"], cfg.model, dtype=dtype))
-        index = batch["teacher_index"]
+        index = jnp.take_along_axis(batch["teacher_index"], positions, axis=1)  # [B, A]
         if tc.kl_weight > 0:
             teacher_hidden = jnp.take_along_axis(teacher_hidden, index[..., None], axis=1)
             teacher_log_probs = jax.lax.stop_gradient(jax.nn.log_softmax(lm_logits(params, teacher_hidden), -1))
             per_token = (jnp.exp(teacher_log_probs) * (teacher_log_probs - log_probs)).sum(-1)
-            kl = (per_token * mask).sum() / count
+            kl = (per_token * weight).sum() / count
         if tc.hidden_weight > 0:
-            teacher_taps = jnp.take_along_axis(teacher_taps, index[None, ..., None], axis=2)  # [E, B, T, embed]
+            teacher_taps = jnp.take_along_axis(teacher_taps, index[None, ..., None], axis=2)  # [E, B, A, embed]
+            taps = jnp.take_along_axis(taps, positions[None, ..., None], axis=2)
             norms = backbone["layers"]["attn_norm"][np.asarray(cfg.model.cross_layers)][:, None, None, :]
             seen = lambda x: rms_norm(x.astype(jnp.float32), norms.astype(jnp.float32), cfg.model.rms_eps)
-            per_token = jnp.mean((seen(taps) - seen(teacher_taps)) ** 2, axis=(0, 3))  # [B, T]
-            hidden_term = (per_token * mask).sum() / count
+            per_token = jnp.mean((seen(taps) - seen(teacher_taps)) ** 2, axis=(0, 3))  # [B, A]
+            hidden_term = (per_token * weight).sum() / count
     loss = ce + tc.kl_weight * kl + tc.hidden_weight * hidden_term
-    return loss, {"loss": loss, "ce": ce, "kl": kl, "hidden": hidden_term, "answer_tokens": mask.sum()}
+    return loss, {"loss": loss, "ce": ce, "kl": kl, "hidden": hidden_term, "answer_tokens": weight.sum()}
 
 
 def kvpacket_objective_loss(adapter, backbone, batch, cfg):

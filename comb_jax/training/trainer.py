@@ -10,6 +10,7 @@ backbone is a separate argument of the step. Master weights are float32; the mod
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from comb_jax.paths import data_dir
 from comb_jax.text.codec import make_codec
 from comb_jax.training import checkpoint as ckpt
 from comb_jax.training import data as data_lib
+from comb_jax.training.frozen_cache import FrozenCache, check_supported
 from comb_jax.training.objectives import LOSS_TERMS, Objective, calibrate_kv_scale, objective_for
 from comb_jax.weights.fingerprint import tree_fingerprint
 from comb_jax.weights.hf import load_hf_backbone_sharded
@@ -107,6 +109,10 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 BATCH_AXES = {"chunk_tokens": ("batch", None, "seq"), "chunk_mask": ("batch", None, "seq"),
               "tokens": ("batch", "seq"), "targets": ("batch", "seq"), "loss_mask": ("batch", "seq"),
               "teacher_tokens": ("batch", "seq"), "teacher_index": ("batch", "seq"),
+              "answer_positions": ("batch", None),
+              # what training.frozen_cache adds
+              "decoder_states": ("batch", "seq", None), "chunk_states": ("batch", None, "seq", None),
+              "teacher_top_ids": ("batch", None, None), "teacher_top_logprobs": ("batch", None, None),
               # objective=kvpacket batches (kvpacket_data.collate)
               "prefix_tokens": ("batch", "seq"), "prefix_len": ("batch",), "query_tokens": ("batch", "seq")}
 
@@ -311,13 +317,15 @@ def resolve_targets(cfg) -> str:
     return t
 
 
-def prepare_examples(cfg, codec, backbone_params, run_dir, progress: bool):
-    """(train, eval) examples with their training targets (teacher answers cached in the run dir)."""
+def prepare_examples(cfg, codec, backbone_params, run_dir, progress: bool, fingerprint=None):
+    """(train, eval) examples with their training targets (teacher answers cached in the run dir).
+    `fingerprint()`: the backbone's `tree_fingerprint` (computed here when None)."""
     where = data_dir(cfg.train.data_dir)
     train_ex = data_lib.run_examples(cfg.train, where, "train")
     eval_ex = data_lib.run_examples(cfg.train, where, "eval")
     if resolve_targets(cfg) == "teacher":
-        fingerprint = tree_fingerprint(backbone_params["backbone"])  # once: a full read (and a gather on a pod)
+        # once: a full read (and a gather on a pod)
+        fingerprint = fingerprint() if fingerprint else tree_fingerprint(backbone_params["backbone"])
         train_ex = data_lib.teacher_targets(train_ex, backbone_params, cfg, codec, run_dir / "teacher_train.jsonl",
                                             fingerprint, progress)
         eval_ex = data_lib.teacher_targets(eval_ex, backbone_params, cfg, codec, run_dir / "teacher_eval.jsonl",
@@ -346,17 +354,21 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
     distributed.barrier("comb_jax.train.run_dir")
     mesh = make_mesh(cfg.mesh)
     check_batch_divides(cfg, mesh)
+    if tc.frozen_cache:
+        check_supported(cfg)  # before anything is loaded
     backbone, backbone_host = load_placed_backbone(cfg, mesh, backbone)
     if backbone_host is None and objective.name == "comb" and tc.init in ("warm", "pointer", "grow"):
         raise NotImplementedError(f"train.init={tc.init} copies backbone layers on the host, and this run reads the "
                                   "backbone in slices across processes: start from init=random or a "
                                   "train.init_checkpoint made with that init in one process")
     codec = make_codec(cfg)
+    readable_backbone = backbone if backbone_host is None else backbone_host
+    fingerprint = functools.cache(lambda: tree_fingerprint(readable_backbone))  # a full read: at most once
     if examples is None:
         # teacher answers from the host copy (each process answers its share of the prompts on its own devices) or,
         # with no host copy, from the sharded backbone (every process runs every batch together)
-        examples = prepare_examples(cfg, codec, {"backbone": backbone if backbone_host is None else backbone_host},
-                                    run_dir, progress and primary)
+        examples = prepare_examples(cfg, codec, {"backbone": readable_backbone}, run_dir, progress and primary,
+                                    fingerprint)
     train_ex, eval_ex = examples
     trainable_tree = objective.layout(cfg)
     if jax.process_count() > 1:
@@ -394,8 +406,16 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
         state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), replicated(mesh)), comb, opt_state)
         iterator.set_state(data_state)
 
+    frozen = None
+    if tc.frozen_cache:  # the frozen forwards of each row, once (training.frozen_cache)
+        frozen = FrozenCache(cfg, run_dir / "frozen_cache", backbone, fingerprint())
+
+    def draw():
+        batch, tokens = global_batch(next(iterator), mesh, tc.batch_size)
+        return (batch if frozen is None else frozen.fill(batch)), tokens
+
     data_state = iterator.get_state()  # before each batch is drawn: what a checkpoint of the kept state needs
-    first, first_tokens = global_batch(next(iterator), mesh, tc.batch_size)
+    first, first_tokens = draw()
     train_step = make_train_step(cfg, mesh, optimizer, first)
     schedule = learning_rate(tc)
     peak = peak_flops(jax.devices()[0])
@@ -453,6 +473,9 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                           **(gate_values(state.comb) if objective.name == "comb" else {}),
                           "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
                           "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+                if frozen is not None:  # rows read back / computed so far (a miss step pays the frozen forwards)
+                    record.update(frozen_hits=frozen.hits, frozen_misses=frozen.misses,
+                                  frozen_fill_s=frozen.last_fill_s)  # this step's batch (drawn last)
                 if flops.get(shapes) and peak:
                     record["mfu"] = flops[shapes] / seconds / (peak * mesh.size)
                 eval_loss = None
@@ -472,12 +495,14 @@ def train(cfg, resume: bool = False, progress: bool = True, stop_after: int | No
                     break
                 if step < tc.steps:
                     data_state = iterator.get_state()
-                    batch, tokens = global_batch(next(iterator), mesh, tc.batch_size)
+                    batch, tokens = draw()
     finally:
         bar.close()
         manager.wait_until_finished()
         manager.close()
     summary.update(end_step=step, last_eval=last_eval, state=state, latest_checkpoint=step)
+    if frozen is not None:
+        summary["frozen_cache"] = {"hits": frozen.hits, "misses": frozen.misses, "directory": str(frozen.directory)}
     return summary
 
 
