@@ -110,17 +110,9 @@ class FrozenCache:
         for j, n in enumerate(chunks):
             h.update(f"|{n}|".encode())
             h.update(np.asarray(batch["chunk_tokens"][i, j, :n], np.int32).tobytes())
-        if "teacher_top_logprobs" in self._feature_names(batch):
+        if self.cfg.train.kl_weight > 0:  # the teacher's top k also depend on its full prompt
             h.update(np.asarray(batch["teacher_tokens"][i], np.int32).tobytes())
         return h.hexdigest()
-
-    def _feature_names(self, batch) -> tuple[str, ...]:
-        names = ["decoder_states"]
-        if self.cfg.model.context_layer:
-            names.append("chunk_states")
-        if self.cfg.train.kl_weight > 0:
-            names += ["teacher_top_ids", "teacher_top_logprobs"]
-        return tuple(names)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.npz"
